@@ -1,0 +1,98 @@
+"""The Method protocol: the seam between the training loop and a continual-learning method.
+
+The loop (cltune/train.py) calls, per task:
+    model = method.prepare(model, task, state)       # attach adapters / wrap layers / select targets
+    params = method.trainable_parameters(model)      # the optimizer is built from these only
+    for each step:  method.loss(model, batch) -> backward -> clip -> optimizer.step()
+                    method.after_step(model, step)   # gradients are still present here
+    state = method.after_task(model, task)           # saved beside the adapter; fed to the next task
+and serves / registers the peft adapter named `method.serve_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cltune.config import LoraConfig, TrainConfig
+from cltune.data import Example
+
+STATE_TENSORS = "method_state.safetensors"
+STATE_META = "method_state.json"
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor  # scalar that is backpropagated
+    parts: dict[str, float] = field(default_factory=dict)  # logged components (ce, l_cons, ...)
+
+
+@dataclass
+class MethodState:
+    """What a method carries between tasks (and into a mid-task checkpoint)."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, d / STATE_TENSORS)
+        (d / STATE_META).write_text(json.dumps(self.meta, indent=1, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MethodState | None:
+        d = Path(directory)
+        if not (d / STATE_META).exists():
+            return None
+        tensors = load_file(d / STATE_TENSORS) if (d / STATE_TENSORS).exists() else {}
+        return cls(tensors, json.loads((d / STATE_META).read_text()))
+
+
+@dataclass
+class TaskContext:
+    """Everything a method may look at for the task being trained."""
+
+    index: int  # 0-based position in the sequence
+    name: str
+    train: list[dict[str, Any]]  # tokenised: {input_ids, labels, index}
+    examples: list[Example]  # the raw training examples (instructions for codebooks)
+    lora: LoraConfig
+    train_cfg: TrainConfig
+    pad_id: int
+    device: torch.device
+    retain: list[dict[str, Any]] | None = None  # tokenised retain set (unlearning)
+    log: Any = None  # callable(message, **data) for job events; None: silent
+
+    def emit(self, message: str, **data: Any) -> None:
+        if self.log is not None:
+            self.log(message, **data)
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]
+    serve_adapter: str  # the peft adapter that is registered and served
+
+    def prepare(self, model: nn.Module, task: TaskContext, state: MethodState | None) -> nn.Module: ...
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput: ...
+
+    def after_step(self, model: nn.Module, step: int) -> None: ...
+
+    def after_task(self, model: nn.Module, task: TaskContext) -> MethodState: ...
+
+    def state_dict(self) -> MethodState: ...
+
+    def load_state_dict(self, state: MethodState) -> None: ...

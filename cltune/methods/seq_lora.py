@@ -1,0 +1,50 @@
+"""seq_lora: the baseline. One LoRA adapter, trained on task 1, then on task 2, and so on."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from cltune.methods.base import LossOutput, MethodState, TaskContext
+from cltune.methods.common import adapter_parameters, attach_adapter, causal_lm_loss, only_train, peft_lora_config
+
+
+class SeqLoraParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SeqLora:
+    name: ClassVar[str] = "seq_lora"
+    Params: ClassVar[type[BaseModel]] = SeqLoraParams
+
+    def __init__(self, params: SeqLoraParams | None = None) -> None:
+        self.params = params or SeqLoraParams()
+        self.serve_adapter = "default"
+
+    def prepare(self, model: nn.Module, task: TaskContext, state: MethodState | None) -> nn.Module:
+        model = attach_adapter(model, self.serve_adapter, peft_lora_config(task.lora))
+        model.set_adapter(self.serve_adapter)
+        only_train(model, self.trainable_parameters(model))
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return adapter_parameters(model, self.serve_adapter)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        out = causal_lm_loss(model, batch)
+        return LossOutput(out.loss, {"ce": out.loss.item()})
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_task(self, model: nn.Module, task: TaskContext) -> MethodState:
+        return MethodState(meta={"method": self.name})
+
+    def state_dict(self) -> MethodState:
+        return MethodState()
+
+    def load_state_dict(self, state: MethodState) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""The cltune service: REST API, job store, workers and inference around the library."""
