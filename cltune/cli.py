@@ -62,22 +62,32 @@ def print_result(res: RunResult) -> None:
     print(format_matrix(res.R, res.tasks))
     m = res.metrics
     if m:
-        print(f"\nAP  = {m['ap']:.3f}\nBWT = {m['bwt']:.3f}  (normaliser {m['bwt_normalizer']}; "
-              f"TRACE 1/T: {m['bwt_T']:.3f})\nFWT = {m['fwt']:.3f}\nForgetting = {m['forgetting']:.3f}")
+        print(
+            f"\nAP  = {m['ap']:.3f}\nBWT = {m['bwt']:.3f}  (normaliser {m['bwt_normalizer']}; "
+            f"TRACE 1/T: {m['bwt_T']:.3f})\nFWT = {m['fwt']:.3f}\nForgetting = {m['forgetting']:.3f}"
+        )
     print(f"\nresults: {res.run_dir / 'results.json'}")
     if res.heatmap:
         print(f"heatmap: {res.heatmap}")
     if res.adapters:
-        print("adapters: " + ", ".join(f"{a['name']}@{a['version']}" for a in res.adapters)
-              + f" in {data_dir() / 'adapters'}")
+        print(
+            "adapters: "
+            + ", ".join(f"{a['name']}@{a['version']}" for a in res.adapters)
+            + f" in {data_dir() / 'adapters'}"
+        )
 
 
 def run_config(cfg: RunConfig, run_dir: Path | None = None) -> RunResult:
     run_dir = run_dir or data_dir() / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     bar = ProgressBar()
     try:
-        return run_sequence(cfg, run_dir, registry=Registry(data_dir() / "adapters"),
-                            callbacks=Callbacks(on_progress=bar, log=log_line), cache_dir=data_dir() / "models")
+        return run_sequence(
+            cfg,
+            run_dir,
+            registry=Registry(data_dir() / "adapters"),
+            callbacks=Callbacks(on_progress=bar, log=log_line),
+            cache_dir=data_dir() / "models",
+        )
     finally:
         bar.close()
 
@@ -127,9 +137,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         path = Registry(data_dir() / "adapters").path(*_ref(args.adapter))
         model, adapter = PeftModel.from_pretrained(model, str(path)), "default"
     _, examples = read_jsonl(args.data)
-    score, rows = score_task(model, loaded.tokenizer, examples[: args.limit], args.scorer,
-                             max_new_tokens=args.max_new_tokens, adapter=adapter)
-    print(json.dumps({"score": score, "examples": len(rows), "sample": rows[:5]}, indent=1, ensure_ascii=False))
+    score, rows = score_task(
+        model,
+        loaded.tokenizer,
+        examples[: args.limit],
+        args.scorer,
+        max_new_tokens=args.max_new_tokens,
+        adapter=adapter,
+    )
+    print(
+        json.dumps({"score": score, "examples": len(rows), "sample": rows[:5]}, indent=1, ensure_ascii=False)
+    )
     return 0
 
 

@@ -43,7 +43,6 @@ class ModelConfig(_Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     quantization: Literal["none", "4bit", "8bit"] = "none"  # QLoRA base via bitsandbytes
     seed: int = 0  # weights of the random tiny-llama
-    tiny_pretrain_steps: int = Field(0, ge=0, le=10_000)  # tiny-llama only: brief full training first
 
     @field_validator("device")
     @classmethod
@@ -71,7 +70,13 @@ class MethodConfig(_Strict):
 
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; valid: {', '.join(sorted(METHODS))}")
-        METHODS[self.name].Params.model_validate(self.params)  # raises with field names + ranges
+        try:
+            METHODS[self.name].Params.model_validate(self.params)
+        except ValidationError as e:  # name the params' own fields: "params.ema_decay: ..."
+            problems = "; ".join(
+                f"params.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            )
+            raise ValueError(f"method {self.name!r}: {problems}") from None
         return self
 
 

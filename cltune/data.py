@@ -55,11 +55,13 @@ class DatasetInfo:
 
 
 def _detect(record: dict[str, Any]) -> str | None:
+    # One distinguishing key suffices, so a record missing its answer is reported as
+    # "field 'output' is missing" rather than as an unknown format.
     if "messages" in record:
         return "chat"
-    if "instruction" in record and "output" in record:
+    if "instruction" in record or "output" in record:
         return "alpaca"
-    if "prompt" in record and "completion" in record:
+    if "prompt" in record or "completion" in record:
         return "prompt_completion"
     return None
 
@@ -82,14 +84,20 @@ def _parse(record: dict[str, Any], fmt: str, line: int) -> Example:
         inst = _text(record, "instruction", required=True, nonempty=True)
         extra = _text(record, "input", required=False, nonempty=False)
         prompt = f"{inst}\n\n{extra}" if extra.strip() else inst
-        return Example(({"role": "user", "content": prompt},), _text(record, "output", required=True, nonempty=True), line)
+        return Example(
+            ({"role": "user", "content": prompt},),
+            _text(record, "output", required=True, nonempty=True),
+            line,
+        )
     if fmt == "prompt_completion":
         prompt = _text(record, "prompt", required=True, nonempty=True)
         answer = _text(record, "completion", required=True, nonempty=True)
         return Example(({"role": "user", "content": prompt},), answer, line)
     msgs = record["messages"]
     if not isinstance(msgs, list) or len(msgs) < 2:
-        raise ValueError("messages", "must be a list of at least 2 messages (a prompt and the assistant answer)")
+        raise ValueError(
+            "messages", "must be a list of at least 2 messages (a prompt and the assistant answer)"
+        )
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
@@ -110,7 +118,9 @@ def _parse(record: dict[str, Any], fmt: str, line: int) -> Example:
     return Example(tuple(out[:-1]), out[-1]["content"], line)
 
 
-def read_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES, name: str | None = None) -> tuple[str, list[Example]]:
+def read_jsonl(
+    path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES, name: str | None = None
+) -> tuple[str, list[Example]]:
     """Read and validate a JSONL dataset. Returns (format, examples).
 
     Every record is checked; all problems (up to 50) are reported together.
@@ -158,7 +168,11 @@ def read_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES, name: 
             kind = _detect(record)
             if kind is None:
                 keys = ", ".join(sorted(record)) or "none"
-                fail(lineno, None, f"unknown record format (keys: {keys}); expected one of: {'; '.join(FORMATS.values())}")
+                fail(
+                    lineno,
+                    None,
+                    f"unknown record format (keys: {keys}); expected one of: {'; '.join(FORMATS.values())}",
+                )
                 continue
             if fmt is None:
                 fmt, fmt_line = kind, lineno
@@ -173,7 +187,9 @@ def read_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES, name: 
     if errors:
         first = errors[0]
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise DataError(first["message"] + more, file=shown, line=first["line"], field=first["field"], errors=errors)
+        raise DataError(
+            first["message"] + more, file=shown, line=first["line"], field=first["field"], errors=errors
+        )
     if not examples:
         raise DataError("the file holds no records; expected one JSON object per line", file=shown)
     assert fmt is not None
@@ -188,7 +204,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def inspect_dataset(path: str | Path, *, name: str | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> DatasetInfo:
+def inspect_dataset(
+    path: str | Path, *, name: str | None = None, max_line_bytes: int = MAX_LINE_BYTES
+) -> DatasetInfo:
     """Validate a file and summarise it (format, record count, sha256)."""
     fmt, ex = read_jsonl(path, max_line_bytes=max_line_bytes, name=name)
     return DatasetInfo(str(path), fmt, len(ex), file_sha256(path))
@@ -232,7 +250,9 @@ def encode_prompt(tokenizer: Any, messages: tuple[dict[str, str], ...] | list[di
     return tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
-def tokenize(examples: list[Example], tokenizer: Any, max_len: int) -> tuple[list[dict[str, Any]], TokenStats]:
+def tokenize(
+    examples: list[Example], tokenizer: Any, max_len: int
+) -> tuple[list[dict[str, Any]], TokenStats]:
     """Turn examples into {input_ids, labels, index} with prompt tokens labelled -100.
 
     The answer ends with the tokenizer's EOS so the model learns to stop.
@@ -332,8 +352,13 @@ class ReplayBuffer:
         return [self.items[self._rng.randrange(len(self.items))] for _ in range(k)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "seed": self.seed, "items": self.items, "n_seen": self.n_seen,
-                "rng": self._rng.getstate()}
+        return {
+            "capacity": self.capacity,
+            "seed": self.seed,
+            "items": self.items,
+            "n_seen": self.n_seen,
+            "rng": self._rng.getstate(),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ReplayBuffer:

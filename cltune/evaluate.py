@@ -131,9 +131,13 @@ def score_task(
     """Mean score of the model's greedy answers on `examples`. Returns (score, per-example rows)."""
     fn = SCORERS[scorer]
     prompts = [encode_prompt(tokenizer, ex.messages) for ex in examples]
-    preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter)
-    rows = [{"prompt": ex.instruction, "reference": ex.answer, "prediction": p, "score": fn(p, ex.answer)}
-            for ex, p in zip(examples, preds, strict=True)]
+    preds = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter
+    )
+    rows = [
+        {"prompt": ex.instruction, "reference": ex.answer, "prediction": p, "score": fn(p, ex.answer)}
+        for ex, p in zip(examples, preds, strict=True)
+    ]
     return (sum(r["score"] for r in rows) / len(rows) if rows else 0.0), rows
 
 

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from cltune.config import ModelConfig
-from cltune.errors import MissingDependencyError, NotFoundError
+from cltune.errors import ConfigError, MissingDependencyError, NotFoundError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CATALOG = {
@@ -82,10 +82,25 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path | None = None) -> LoadedM
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.name == "tiny-llama":
+        if (
+            cfg.quantization != "none"
+        ):  # built in code, never through from_pretrained: say so, don't ignore it
+            raise ConfigError(
+                "model.quantization is not supported for tiny-llama; use 'none'",
+                errors=[
+                    {
+                        "field": "model.quantization",
+                        "message": "not supported for tiny-llama",
+                        "input": cfg.quantization,
+                    }
+                ],
+            )
         model, tok, fp = build_tiny_llama(cfg.seed)
         model = model.to(device=device, dtype=dtype)
     else:
-        path, fp = (_smollm2_dir(cache), _smollm2_sha(cache)) if cfg.name == "smollm2-135m" else _local(cfg.name)
+        path, fp = (
+            (_smollm2_dir(cache), _smollm2_sha(cache)) if cfg.name == "smollm2-135m" else _local(cfg.name)
+        )
         kwargs: dict[str, Any] = {"dtype": dtype}
         if cfg.quantization != "none":
             kwargs["quantization_config"] = _bnb_config(cfg.quantization, dtype)
@@ -93,7 +108,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path | None = None) -> LoadedM
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             tok = AutoTokenizer.from_pretrained(path)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a directory without a usable config.json
             raise NotFoundError(
                 f"cannot load model {cfg.name!r}: not in the catalog ({', '.join(CATALOG)}) "
                 f"and not a loadable model directory or hub id ({e})"
@@ -215,7 +230,9 @@ def _bnb_config(kind: str, dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def pretrain_tiny(loaded: LoadedModel, texts: list[str], steps: int = 200, lr: float = 3e-3, seed: int = 0) -> None:
+def pretrain_tiny(
+    loaded: LoadedModel, texts: list[str], steps: int = 200, lr: float = 3e-3, seed: int = 0
+) -> None:
     """Briefly full-train a tiny model on `texts` so that LoRA has features to adapt (and to forget).
 
     A purely random model barely learns through LoRA; tests and benchmarks call this first.

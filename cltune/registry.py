@@ -10,6 +10,7 @@ leaves a record that points at half-written files, and an existing version is ne
 
 from __future__ import annotations
 
+import builtins
 import copy
 import os
 import shutil
@@ -28,6 +29,7 @@ from cltune.methods.base import MethodState
 
 RECORD = "record.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+HIGH_WATER = ".deleted_up_to"  # per name: the highest deleted version
 
 
 class AdapterRecord(BaseModel):
@@ -60,7 +62,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     if not sep:
         return name, None
     if not ver.isdigit() or int(ver) < 1:
-        raise InvalidNameError(f"invalid adapter version {ver!r} in {ref!r}: use name@N with N >= 1", name=ref)
+        raise InvalidNameError(
+            f"invalid adapter version {ver!r} in {ref!r}: use name@N with N >= 1", name=ref
+        )
     return name, int(ver)
 
 
@@ -100,7 +104,7 @@ class Registry:
         """The latest version of every adapter."""
         return [self.get(n) for n in self.names()]
 
-    def history(self, name: str) -> list[AdapterRecord]:
+    def history(self, name: str) -> builtins.list[AdapterRecord]:
         return [self.get(name, v) for v in self.versions_of(name)]
 
     def method_state(self, ref: str) -> MethodState | None:
@@ -126,8 +130,11 @@ class Registry:
         tmp = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".tmp-"))
         try:
             tensors = get_peft_model_state_dict(model, adapter_name=adapter)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                tmp / "adapter_model.safetensors",
+                metadata={"format": "pt"},
+            )
             config = copy.deepcopy(model.peft_config[adapter])
             config.inference_mode = True
             config.save_pretrained(str(tmp))
@@ -139,9 +146,14 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _high_water(self, name: str) -> int:
+        """The highest version ever deleted: numbers are never reused, so `name@N` always means one thing."""
+        f = self.root / name / HIGH_WATER
+        return int(f.read_text()) if f.exists() else 0
+
     def _publish(self, tmp: Path, name: str, record: dict[str, Any]) -> AdapterRecord:
         for _ in range(1000):
-            version = (self.versions_of(name) or [0])[-1] + 1
+            version = max((self.versions_of(name) or [0])[-1], self._high_water(name)) + 1
             rec = AdapterRecord.model_validate({**record, "name": name, "version": version})
             (tmp / RECORD).write_text(rec.model_dump_json(indent=1))
             try:
@@ -151,12 +163,15 @@ class Registry:
                 continue  # another writer took this version: try the next
         raise ConflictError(f"could not allocate a new version for adapter {name!r}")
 
-    def delete(self, name: str, version: int | None = None) -> list[int]:
+    def delete(self, name: str, version: int | None = None) -> builtins.list[int]:
         """Delete one version, or every version when `version` is None. Returns the deleted versions."""
         versions = self.versions_of(name)
         if not versions or (version is not None and version not in versions):
-            raise NotFoundError(f"no adapter {name!r}" + (f" version {version}" if version else ""), name=name)
+            raise NotFoundError(
+                f"no adapter {name!r}" + (f" version {version}" if version else ""), name=name
+            )
         gone = versions if version is None else [version]
+        (self.root / name / HIGH_WATER).write_text(str(max(max(gone), self._high_water(name))))
         for v in gone:
             trash = self.root / name / f".del-v{v}"
             os.rename(self.root / name / f"v{v}", trash)  # unpublish first, then remove the files

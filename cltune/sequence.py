@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
+from transformers import set_seed
 
 from cltune.config import RunConfig, TaskConfig
 from cltune.data import Example, TokenStats, file_sha256, read_jsonl, split_holdout, tokenize
 from cltune.errors import ConfigError
 from cltune.evaluate import cl_metrics, save_heatmap, score_task, write_results
-from cltune.methods import build_method
+from cltune.methods import METHODS, build_method
 from cltune.methods.base import MethodState, TaskContext
 from cltune.models import LoadedModel, load_model
 from cltune.registry import AdapterRecord, Registry
@@ -44,13 +45,19 @@ class RunResult:
     heatmap: Path | None = None
 
 
-def read_task_data(task: TaskConfig, seed: int) -> TaskData:
-    """Validate and split one task's files (no tokenizer needed: fails before the model loads)."""
+def read_task_data(task: TaskConfig, seed: int, unlearning: bool = False) -> TaskData:
+    """Validate and split one task's files (no tokenizer needed: fails before the model loads).
+
+    unlearning: `train` is a forget set; nothing is held out and, without an `eval` file, the task is
+    scored on the forget set itself (lower is better).
+    """
     _, train = read_jsonl(task.train)
     sha = {"train": file_sha256(task.train)}
     if task.eval:
         _, held = read_jsonl(task.eval)
         sha["eval"] = file_sha256(task.eval)
+    elif unlearning:
+        held = list(train)
     else:
         train, held = split_holdout(train, task.eval_fraction, seed)
     retain = None
@@ -65,13 +72,19 @@ def _log(cb: Callbacks, message: str, **data: Any) -> None:
         cb.log(message, **data)
 
 
-def evaluate_all(loaded: LoadedModel, model: Any, data: list[TaskData], cfg: RunConfig, adapter: str | None) -> list[float]:
+def evaluate_all(
+    loaded: LoadedModel, model: Any, data: list[TaskData], cfg: RunConfig, adapter: str | None
+) -> list[float]:
     row = []
     for d in data:
         score, _ = score_task(
-            model, loaded.tokenizer, d.eval, d.config.scorer,
+            model,
+            loaded.tokenizer,
+            d.eval,
+            d.config.scorer,
             max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size, adapter=adapter,
+            batch_size=cfg.eval.batch_size,
+            adapter=adapter,
         )
         row.append(score)
     return row
@@ -107,9 +120,12 @@ def run_sequence(
     if resume and progress_path.exists():
         saved = json.loads(progress_path.read_text())
         if saved["config"] != cfg_json:
-            raise ConfigError(f"run directory {str(run_dir)!r} holds a different run; use a new directory", errors=[])
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} holds a different run; use a new directory", errors=[]
+            )
         progress = saved
-    data = [read_task_data(t, cfg.train.seed) for t in cfg.tasks]
+    unlearn = [bool(getattr(METHODS[cfg.method_for(t).name], "unlearning", False)) for t in cfg.tasks]
+    data = [read_task_data(t, cfg.train.seed, u) for t, u in zip(cfg.tasks, unlearn, strict=True)]
     loaded = loaded or load_model(cfg.model, cache_dir)
     tok = loaded.tokenizer
     names = [t.name for t in cfg.tasks]
@@ -124,7 +140,12 @@ def run_sequence(
         _log(cb, "evaluating the base model on every task")
         progress["R"].append(evaluate_all(loaded, model, data, cfg, adapter=None))
         save_progress()
-        _log(cb, "base evaluation", row=progress["R"][0])
+        _log(
+            cb,
+            "base model: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, progress["R"][0], strict=True)),
+            row=progress["R"][0],
+            task=None,
+        )
 
     state: MethodState | None = None
     for t, d in enumerate(data):
@@ -133,40 +154,94 @@ def run_sequence(
         method = build_method(method_cfg.name, method_cfg.params)
         tokens, stats = tokenize(d.train, tok, cfg.train.max_len)
         retain = tokenize(d.retain, tok, cfg.train.max_len)[0] if d.retain else None
-        ctx = TaskContext(t, task.name, tokens, d.train, cfg.lora, cfg.train, tok.pad_token_id, loaded.device,
-                          retain=retain, log=cb.log)
+        ctx = TaskContext(
+            t,
+            task.name,
+            tokens,
+            d.train,
+            cfg.lora,
+            cfg.train,
+            tok.pad_token_id,
+            loaded.device,
+            retain=retain,
+            log=cb.log,
+        )
+        set_seed(cfg.train.seed + t)  # LoRA init in prepare and dropout: same config, same adapters
         model = method.prepare(model, ctx, state)
         task_dir = run_dir / "tasks" / f"{t:02d}-{task.name}"
         if t < progress["completed"]:  # finished before a restart: restore, don't retrain
             load_model_tensors(model, task_dir / "adapters.safetensors")
             state = MethodState.load(task_dir / "state")
             continue
-        _log(cb, f"task {t + 1}/{len(data)}: {task.name} with {method.name}", task=task.name, tokens=stats.as_dict())
+        _log(
+            cb,
+            f"task {t + 1}/{len(data)}: {task.name} with {method.name}",
+            task=task.name,
+            tokens=stats.as_dict(),
+        )
         if stats.truncated:
-            _log(cb, f"{stats.truncated} of {stats.examples} examples truncated to max_len={cfg.train.max_len}",
-                 level="warning", truncated=stats.truncated)
+            _log(
+                cb,
+                f"{stats.truncated} of {stats.examples} examples truncated to max_len={cfg.train.max_len}",
+                level="warning",
+                truncated=stats.truncated,
+            )
 
-        def on_eval(step: int, d: TaskData = d) -> None:
-            score, _ = score_task(model, tok, d.eval, d.config.scorer, max_new_tokens=d.config.max_new_tokens
-                                  or cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, adapter=method.serve_adapter)
-            _log(cb, f"step {step}: {d.config.name} score {score:.3f}", step=step, score=score, task=d.config.name)
+        def on_eval(step: int, d: TaskData = d, model: Any = model, method: Any = method) -> None:
+            score, _ = score_task(
+                model,
+                tok,
+                d.eval,
+                d.config.scorer,
+                max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
+                batch_size=cfg.eval.batch_size,
+                adapter=method.serve_adapter,
+            )
+            _log(
+                cb,
+                f"step {step}: {d.config.name} score {score:.3f}",
+                step=step,
+                score=score,
+                task=d.config.name,
+            )
 
         cb_task = Callbacks(cb.should_stop, cb.on_progress, on_eval, cb.log)
-        result = train_task(model, method, ctx, cfg.train, checkpoint_dir=run_dir / "checkpoint", resume=resume,
-                            callbacks=cb_task)
+        result = train_task(
+            model,
+            method,
+            ctx,
+            cfg.train,
+            checkpoint_dir=run_dir / "checkpoint",
+            resume=resume,
+            callbacks=cb_task,
+        )
         state = method.after_task(model, ctx)
+        state.meta.setdefault("serve_adapter", method.serve_adapter)  # the next task may continue from it
         task_dir.mkdir(parents=True, exist_ok=True)
         save_file(adapter_tensors(model), task_dir / "adapters.safetensors")
         state.save(task_dir / "state")
         row = evaluate_all(loaded, model, data, cfg, adapter=method.serve_adapter)
-        _log(cb, f"after {task.name}: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, row, strict=True)),
-             row=row, task=task.name)
+        _log(
+            cb,
+            f"after {task.name}: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, row, strict=True)),
+            row=row,
+            task=task.name,
+        )
         progress["R"].append(row)
-        train_info = {"task": task.name, "method": method.name, "steps": result.steps, "seconds": result.seconds,
-                      "tokens": result.tokens, "final_loss": result.final_loss, **stats.as_dict()}
+        train_info = {
+            "task": task.name,
+            "method": method.name,
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "tokens": result.tokens,
+            "final_loss": result.final_loss,
+            **stats.as_dict(),
+        }
         progress["train"].append(train_info)
         if registry is not None:
-            rec = _register(registry, cfg, loaded, model, method, d, t, row, stats, state, progress, created_by)
+            rec = _register(
+                registry, cfg, loaded, model, method, d, t, row, stats, state, progress, created_by
+            )
             progress["adapters"].append(rec.model_dump(mode="json"))
             _log(cb, f"registered adapter {rec.ref}", adapter=rec.ref)
         progress["completed"] = t + 1
@@ -177,15 +252,35 @@ def run_sequence(
     metrics = cl_metrics(R, cfg.eval.bwt_normalizer) if len(R) == len(data) + 1 else {}
     heat = save_heatmap(R, names, run_dir / "R.png") if cfg.eval.heatmap else None
     out = RunResult(R, metrics, names, progress["adapters"], run_dir, progress["train"], heat)
-    write_results(run_dir / "results.json", {"tasks": names, "R": R, "metrics": metrics,
-                                              "adapters": [a["name"] + "@" + str(a["version"]) for a in out.adapters],
-                                              "train": out.train})
+    write_results(
+        run_dir / "results.json",
+        {
+            "tasks": names,
+            "R": R,
+            "metrics": metrics,
+            "adapters": [a["name"] + "@" + str(a["version"]) for a in out.adapters],
+            "train": out.train,
+            # forget-set columns: lower is better (AP/BWT treat them as scores)
+            "unlearning_tasks": [n for n, u in zip(names, unlearn, strict=True) if u],
+        },
+    )
     return out
 
 
-def _register(registry: Registry, cfg: RunConfig, loaded: LoadedModel, model: Any, method: Any, d: TaskData,
-              t: int, row: list[float], stats: TokenStats, state: MethodState, progress: dict[str, Any],
-              created_by: str) -> AdapterRecord:
+def _register(
+    registry: Registry,
+    cfg: RunConfig,
+    loaded: LoadedModel,
+    model: Any,
+    method: Any,
+    d: TaskData,
+    t: int,
+    row: list[float],
+    stats: TokenStats,
+    state: MethodState,
+    progress: dict[str, Any],
+    created_by: str,
+) -> AdapterRecord:
     task = d.config
     parent = progress["adapters"][-1] if progress["adapters"] else None
     record = {
@@ -197,11 +292,22 @@ def _register(registry: Registry, cfg: RunConfig, loaded: LoadedModel, model: An
         "lora": cfg.lora.model_dump(mode="json"),
         "task": task.name,
         "parent": f"{parent['name']}@{parent['version']}" if parent else None,
-        "datasets": [{"task": task.name, "role": role, "sha256": sha,
-                      "examples": len(d.train) if role == "train" else None}
-                     for role, sha in d.sha256.items()],
-        "metrics": {"score": row[t], "scorer": task.scorer, "R_row": row, "tasks": [x.name for x in cfg.tasks],
-                    "train": stats.as_dict()},
+        "datasets": [
+            {
+                "task": task.name,
+                "role": role,
+                "sha256": sha,
+                "examples": len(d.train) if role == "train" else None,
+            }
+            for role, sha in d.sha256.items()
+        ],
+        "metrics": {
+            "score": row[t],
+            "scorer": task.scorer,
+            "R_row": row,
+            "tasks": [x.name for x in cfg.tasks],
+            "train": stats.as_dict(),
+        },
         "group": state.meta.get("group", task.name),
         "codebook": [ex.instruction for ex in d.train[:CODEBOOK_SIZE]],
         "notes": state.meta.get("notes", {}),

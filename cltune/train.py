@@ -63,7 +63,9 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_examples / per_step))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     warm = min(cfg.warmup_steps, max(total - 1, 0))
 
     def factor(step: int) -> float:
@@ -104,15 +106,30 @@ def set_rng_state(s: dict[str, Any]) -> None:
     np.random.set_state(s["numpy"])
 
 
-def save_checkpoint(directory: Path, model: nn.Module, method: Method, opt: Any, sched: Any, step: int,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    method: Method,
+    opt: Any,
+    sched: Any,
+    step: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write a resumable checkpoint atomically (into a temp dir, then one rename)."""
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(adapter_tensors(model), tmp / "adapters.safetensors")
     method.state_dict().save(tmp / "method")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "rng": rng_state(), "extra": extra or {}}, tmp / "trainer.pt")
+    torch.save(
+        {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "rng": rng_state(),
+            "extra": extra or {},
+        },
+        tmp / "trainer.pt",
+    )
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         directory.rename(old)
@@ -174,7 +191,9 @@ def train_task(
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         start = ck["step"]
-    order = batches(len(task.train), cfg.batch_size, cfg.seed + 7919 * task.index, start=start * cfg.grad_accum)
+    order = batches(
+        len(task.train), cfg.batch_size, cfg.seed + 7919 * task.index, start=start * cfg.grad_accum
+    )
     result = TaskResult(steps=start, seconds=0.0, tokens=0, final_loss=float("nan"))
     model.train()
     t_start = time.perf_counter()
@@ -208,8 +227,15 @@ def train_task(
             eta = elapsed / (done - start) * (total - done)
             lr = sched.get_last_lr()[0]
             result.history.append({"step": done, "loss": loss_sum, **parts_sum})
-            cb.on_progress(Progress(task.name, task.index, done, total, loss_sum, parts_sum, lr, tokens / dt, eta))
-        if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
+            cb.on_progress(
+                Progress(task.name, task.index, done, total, loss_sum, parts_sum, lr, tokens / dt, eta)
+            )
+        if (
+            checkpoint_dir is not None
+            and cfg.checkpoint_every
+            and done % cfg.checkpoint_every == 0
+            and done < total
+        ):
             save_checkpoint(checkpoint_dir, model, method, opt, sched, done)
         if cb.on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             cb.on_eval(done)

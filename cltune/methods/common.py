@@ -82,7 +82,9 @@ def copy_adapter(model: nn.Module, src: str, dst: str) -> None:
 
 def adapter_state(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors with peft's on-disk names (adapter name stripped)."""
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    return {
+        k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
+    }
 
 
 def load_adapter_state(model: PeftModel, adapter: str, tensors: dict[str, torch.Tensor]) -> None:

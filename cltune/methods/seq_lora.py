@@ -9,7 +9,13 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from cltune.methods.base import LossOutput, MethodState, TaskContext
-from cltune.methods.common import adapter_parameters, attach_adapter, causal_lm_loss, only_train, peft_lora_config
+from cltune.methods.common import (
+    adapter_parameters,
+    attach_adapter,
+    causal_lm_loss,
+    only_train,
+    peft_lora_config,
+)
 
 
 class SeqLoraParams(BaseModel):
