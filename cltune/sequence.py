@@ -246,7 +246,8 @@ def run_sequence(
             _log(cb, f"registered adapter {rec.ref}", adapter=rec.ref)
         progress["completed"] = t + 1
         save_progress()
-        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+        for leftover in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(run_dir / leftover, ignore_errors=True)
 
     R = progress["R"]
     metrics = cl_metrics(R, cfg.eval.bwt_normalizer) if len(R) == len(data) + 1 else {}

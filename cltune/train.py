@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,9 +116,10 @@ def save_checkpoint(
     step: int,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a resumable checkpoint atomically (into a temp dir, then one rename)."""
+    """Write a resumable checkpoint atomically (into a temp dir, then renames; see checkpoint_location)."""
     tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a write that crashed
+    tmp.mkdir(parents=True)
     save_file(adapter_tensors(model), tmp / "adapters.safetensors")
     method.state_dict().save(tmp / "method")
     torch.save(
@@ -135,8 +137,6 @@ def save_checkpoint(
         directory.rename(old)
     tmp.rename(directory)
     if old.exists():
-        import shutil
-
         shutil.rmtree(old)
 
 
@@ -151,10 +151,18 @@ def load_model_tensors(model: nn.Module, path: Path) -> None:
             params[k].copy_(v)
 
 
+def checkpoint_location(directory: Path) -> Path | None:
+    """The complete checkpoint to resume from: `directory`, or its `.old` copy when a crash hit
+    between the two renames of save_checkpoint."""
+    for d in (directory, directory.with_name(directory.name + ".old")):
+        if (d / "trainer.pt").exists():
+            return d
+    return None
+
+
 def read_checkpoint(directory: Path) -> dict[str, Any] | None:
-    if not (directory / "trainer.pt").exists():
-        return None
-    return torch.load(directory / "trainer.pt", weights_only=False)
+    d = checkpoint_location(directory)
+    return None if d is None else torch.load(d / "trainer.pt", weights_only=False)
 
 
 # ---------------------------------------------------------------- the loop
@@ -184,9 +192,11 @@ def train_task(
     total = total_steps(cfg, len(task.train))
     sched = make_scheduler(opt, cfg, total)
     start = 0
-    if resume and checkpoint_dir is not None and (ck := read_checkpoint(checkpoint_dir)) is not None:
-        load_model_tensors(model, checkpoint_dir / "adapters.safetensors")
-        method.load_state_dict(MethodState.load(checkpoint_dir / "method") or MethodState())
+    found = checkpoint_location(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    if found is not None:
+        ck = torch.load(found / "trainer.pt", weights_only=False)
+        load_model_tensors(model, found / "adapters.safetensors")
+        method.load_state_dict(MethodState.load(found / "method") or MethodState())
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])

@@ -89,6 +89,18 @@ def test_resume_from_a_periodic_checkpoint_after_a_crash(uninterrupted, tmp_path
     assert_same_tensors(adapter_tensors(model2), uninterrupted[0])
 
 
+def test_a_crash_between_the_checkpoint_renames_resumes_from_the_old_copy(uninterrupted, tmp_path):
+    cfg = CFG.model_copy(update={"checkpoint_every": 2})
+    model, method, task = fresh(cfg=cfg)
+    train_task(model, method, task, cfg, checkpoint_dir=tmp_path / "ck")
+    (tmp_path / "ck").rename(tmp_path / "ck.old")  # killed after moving the old one aside
+    assert read_checkpoint(tmp_path / "ck")["step"] == 4
+    model2, method2, task2 = fresh(seed_for_lora=5, cfg=cfg)
+    result = train_task(model2, method2, task2, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert [h["step"] for h in result.history] == [5, 6]
+    assert_same_tensors(adapter_tensors(model2), uninterrupted[0])
+
+
 def test_without_a_checkpoint_resume_starts_from_step_zero(uninterrupted, tmp_path):
     model, method, task = fresh()
     result = train_task(model, method, task, CFG, checkpoint_dir=tmp_path / "empty", resume=True)
