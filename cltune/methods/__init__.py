@@ -6,10 +6,23 @@ from typing import Any
 
 from cltune.errors import UnknownNameError
 from cltune.methods.base import LossOutput, Method, MethodState, TaskContext
+from cltune.methods.control_llm import ControlLlm
+from cltune.methods.dema import Dema
+from cltune.methods.ilora import ILora
+from cltune.methods.kappatune import KappaTune
+from cltune.methods.npo import GradAscent, Npo, NpoKL, NpoRetain
 from cltune.methods.seq_lora import SeqLora
 
 METHODS: dict[str, Any] = {
     "seq_lora": SeqLora,
+    "control_llm": ControlLlm,
+    "kappatune": KappaTune,
+    "ilora": ILora,
+    "dema": Dema,
+    "npo": Npo,
+    "npo_rt": NpoRetain,
+    "npo_kl": NpoKL,
+    "grad_ascent": GradAscent,
 }
 
 

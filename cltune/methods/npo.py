@@ -1,0 +1,295 @@
+"""NPO unlearning (Zhang et al. 2024) and gradient ascent, as four registry names.
+
+  npo          L = -(2/beta) * mean logsigmoid(beta * (NLL_sum_theta - NLL_sum_ref)) on the forget set
+  npo_rt       npo + retain_weight * CE(retain batch)                          (the recommended default)
+  npo_kl       npo + retain_weight * KL(pi_ref || pi_theta) on retain batches (answer tokens only)
+  grad_ascent  -CE on the forget set (the baseline that collapses)
+
+The forget set is the task's `train` file; the retain set is `TaskConfig.retain`. The model unlearned is
+the adapter served by the previous task (trained in place, so later tasks continue from the unlearned
+weights), or a fresh adapter on the base model when there is none. pi_ref is that model at the start:
+NLL_sum_ref is computed once per forget example in `prepare` (eval mode, no dropout), so npo and npo_rt
+need no second model. npo_kl needs reference logits on retain batches: with adapters disabled when the
+start is the base model, else from a frozen copy of the starting adapter (disabling would compare
+against the base, not against the model being unlearned).
+
+Learning rate: the run's `train.lr` is used. With LoRA, 1e-4 is the recommended value (the paper's 1e-5
+is for full fine-tuning), with about 10 epochs over the forget set (`train.epochs: 10`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cltune.data import collate
+from cltune.errors import ConfigError
+from cltune.methods.base import LossOutput, MethodState, TaskContext
+from cltune.methods.common import (
+    adapter_parameters,
+    attach_adapter,
+    copy_adapter,
+    only_train,
+    peft_lora_config,
+    preserved_training_state,
+    sequence_nll,
+)
+
+REF_ADAPTER = "npo_ref"  # frozen copy of the starting adapter (npo_kl when not starting from the base)
+
+
+class GradAscentParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NpoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(0.1, gt=0.0, le=100.0)  # inverse temperature; beta -> 0 recovers gradient ascent
+
+
+class NpoRetainParams(NpoParams):
+    retain_weight: float = Field(1.0, ge=0.0, le=100.0)  # weight of the retain term (CE for rt, KL for kl)
+
+
+# ---------------------------------------------------------------- the losses, on tensors
+
+
+def npo_loss(nll: torch.Tensor, nll_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """-(2/beta) * mean logsigmoid(beta * (NLL_theta - NLL_ref)). nll, nll_ref: [B] summed NLLs.
+
+    Equals (2/beta) ln 2 at theta == ref and falls towards 0 as NLL_theta grows past NLL_ref.
+    """
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll - nll_ref)).mean()
+
+
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(pi_ref || pi_theta) per answer token, averaged. logits [B, T, V], labels [B, T] (-100 masked)."""
+    mask = labels[:, 1:] != -100  # [B, T-1]: positions that predict an answer token (prompt, padding out)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]  # [N, V]
+    ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)[mask]
+    kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)  # [N]
+    return kl.mean() if kl.numel() else logits.sum() * 0.0
+
+
+def tokens_sha256(items: list[dict[str, Any]]) -> str:
+    """Fingerprint of a tokenised dataset (ids and labels), never its content."""
+    h = hashlib.sha256()
+    for x in items:
+        h.update(b"%d:" % len(x["input_ids"]))
+        h.update(",".join(map(str, x["input_ids"])).encode())
+        h.update(b"|" + ",".join(map(str, x["labels"])).encode() + b";")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def dataset_nll(
+    model: nn.Module, items: list[dict[str, Any]], pad_id: int, device: torch.device, batch_size: int = 16
+) -> torch.Tensor:
+    """NLL summed over answer tokens per tokenised example, eval mode (dropout off). Returns [N] fp32."""
+    out = []
+    with preserved_training_state(model):
+        model.eval()
+        for s in range(0, len(items), batch_size):
+            b = collate(items[s : s + batch_size], pad_id)
+            logits = model(
+                input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
+            ).logits
+            out.append(sequence_nll(logits, b["labels"].to(device)))
+    return torch.cat(out).float() if out else torch.empty(0, device=device)
+
+
+def _source_adapter(model: nn.Module, state: MethodState | None) -> str | None:
+    """The adapter to unlearn from: the previous task's served adapter, if the model has it."""
+    if not isinstance(model, PeftModel):
+        return None
+    hint = state.meta.get("serve_adapter") if state is not None else None
+    for name in (hint, "default"):
+        if name and name in model.peft_config:
+            return str(name)
+    active = model.active_adapter
+    return active if isinstance(active, str) else None
+
+
+# ---------------------------------------------------------------- the method
+
+
+class Npo:
+    """NPO (variant `npo`); the subclasses below only change the name, params and loss terms."""
+
+    name: ClassVar[str] = "npo"
+    Params: ClassVar[type[BaseModel]] = NpoParams
+    unlearning: ClassVar[bool] = True  # the sequence scores this task on its forget set (lower is better)
+    retain_term: ClassVar[str | None] = None  # None | "ce" | "kl"
+    uses_npo: ClassVar[bool] = True  # False: gradient ascent
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        self.params: Any = params or self.Params()
+        self.serve_adapter = "default"
+        self._ref_nll = torch.empty(0)  # [N_forget] NLL_sum under pi_ref, fp32
+        self._gen = torch.Generator()  # retain sampler (captured in state_dict for exact resume)
+        self._retain: list[dict[str, Any]] = []
+        self._pad_id = 0
+        self._from_base = True  # the starting model is the base (no adapter to keep a copy of)
+        self._params: list[nn.Parameter] = []
+        self._prior: list[dict[str, Any]] = []  # lineage carried from an earlier unlearning task
+
+    def prepare(self, model: nn.Module, task: TaskContext, state: MethodState | None) -> nn.Module:
+        if self.retain_term is not None and not task.retain:
+            raise ConfigError(
+                f"method {self.name!r} needs a retain set for task {task.name!r}: set the task's `retain` "
+                "file, or use method 'npo' (no retain term)",
+                errors=[{"field": "retain", "task": task.name}],
+            )
+        source = _source_adapter(model, state)
+        self._from_base = source is None
+        self.serve_adapter = source or "default"
+        model = attach_adapter(model, self.serve_adapter, peft_lora_config(task.lora))
+        model.set_adapter(self.serve_adapter)
+        if self.retain_term == "kl" and not self._from_base:
+            model = attach_adapter(model, REF_ADAPTER, copy.deepcopy(model.peft_config[self.serve_adapter]))
+            copy_adapter(model, self.serve_adapter, REF_ADAPTER)
+        self._params = adapter_parameters(model, self.serve_adapter)
+        only_train(model, self._params)
+        self._pad_id = task.pad_id
+        self._retain = task.retain or []
+        self._gen = torch.Generator().manual_seed(task.train_cfg.seed + 7919 * task.index + 1)
+        # pi_ref on the forget set is a constant per example: once here, never per step.
+        self._ref_nll = dataset_nll(model, task.train, task.pad_id, task.device, task.train_cfg.batch_size)
+        prev = state.meta.get("notes", {}).get("forgotten") if state is not None else None
+        self._prior = list(prev) if isinstance(prev, list) else []
+        task.emit(
+            f"{self.name}: unlearning {len(task.train)} examples from "
+            f"{'the base model' if self._from_base else 'adapter ' + repr(source)}",
+            forget_nll_ref=float(self._ref_nll.mean()),
+        )
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return adapter_parameters(model, self.serve_adapter)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = sequence_nll(logits, batch["labels"])  # [B] summed over answer tokens, fp32
+        if self.uses_npo:
+            ref = self._ref_nll.to(nll.device)[batch["index"]]  # [B]
+            total = npo_loss(nll, ref, self.params.beta)
+            parts = {"npo": total.item(), "nll_forget": nll.mean().item(), "nll_ref": ref.mean().item()}
+        else:
+            n_tok = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+            total = -nll.sum() / n_tok  # -CE, token mean
+            parts = {"neg_ce": total.item(), "nll_forget": nll.mean().item()}
+        if self.retain_term is not None:
+            rb = self._retain_batch(len(nll), logits.device)
+            if self.retain_term == "ce":
+                term = model(**rb).loss
+            else:
+                term = token_kl(
+                    model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits,
+                    self._ref_logits(model, rb),
+                    rb["labels"],
+                )
+            parts[f"{self.retain_term}_retain"] = term.item()
+            total = total + self.params.retain_weight * term
+        return LossOutput(total, parts)
+
+    def _retain_batch(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """One retain example per forget example, drawn with this method's own seeded generator."""
+        idx = torch.randint(len(self._retain), (k,), generator=self._gen).tolist()
+        b = collate([self._retain[i] for i in idx], self._pad_id)
+        return {
+            "input_ids": b["input_ids"].to(device),
+            "attention_mask": b["attention_mask"].to(device),
+            "labels": b["labels"].to(device),
+        }
+
+    @torch.no_grad()
+    def _ref_logits(self, model: nn.Module, rb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """pi_ref logits [B, T, V]: base (adapters disabled) or the frozen starting-adapter copy.
+
+        Both toggles change requires_grad / the active adapter (peft), so flags are restored after.
+        """
+        inputs = {"input_ids": rb["input_ids"], "attention_mask": rb["attention_mask"]}
+        was_training = model.training
+        model.eval()  # reference without dropout
+        try:
+            if self._from_base:
+                with model.disable_adapter():
+                    return model(**inputs).logits
+            model.set_adapter(REF_ADAPTER)
+            return model(**inputs).logits
+        finally:
+            model.set_adapter(self.serve_adapter)
+            only_train(model, self._params)
+            model.train(was_training)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_task(self, model: nn.Module, task: TaskContext) -> MethodState:
+        after = dataset_nll(model, task.train, task.pad_id, task.device, task.train_cfg.batch_size)
+        if REF_ADAPTER in getattr(model, "peft_config", {}):
+            model.delete_adapter(REF_ADAPTER)  # only needed during training; never served
+            model.set_adapter(self.serve_adapter)
+            only_train(model, self._params)
+        record: dict[str, Any] = {
+            "task": task.name,
+            "method": self.name,
+            "params": self.params.model_dump(mode="json"),
+            "start": "base" if self._from_base else f"adapter:{self.serve_adapter}",
+            "forget_examples": len(task.train),
+            "forget_tokens_sha256": tokens_sha256(task.train),
+            "forget_nll_sum_before": float(self._ref_nll.mean()),
+            "forget_nll_sum_after": float(after.mean()),
+        }
+        if task.retain:
+            record["retain_examples"] = len(task.retain)
+            record["retain_tokens_sha256"] = tokens_sha256(task.retain)
+        task.emit(
+            f"{self.name}: forget-set NLL {record['forget_nll_sum_before']:.2f} -> "
+            f"{record['forget_nll_sum_after']:.2f}",
+            **{k: v for k, v in record.items() if "nll" in k},
+        )
+        return MethodState(
+            meta={
+                "method": self.name,
+                "serve_adapter": self.serve_adapter,
+                "notes": {"forgotten": [*self._prior, record]},
+            }
+        )
+
+    def state_dict(self) -> MethodState:
+        return MethodState(
+            tensors={"ref_nll": self._ref_nll.detach().cpu(), "retain_rng": self._gen.get_state()},
+            meta={"method": self.name},
+        )
+
+    def load_state_dict(self, state: MethodState) -> None:
+        if "ref_nll" in state.tensors:
+            self._ref_nll = state.tensors["ref_nll"].float()
+        if "retain_rng" in state.tensors:
+            self._gen.set_state(state.tensors["retain_rng"].to(torch.uint8))
+
+
+class NpoRetain(Npo):
+    name: ClassVar[str] = "npo_rt"
+    Params: ClassVar[type[BaseModel]] = NpoRetainParams
+    retain_term: ClassVar[str | None] = "ce"
+
+
+class NpoKL(Npo):
+    name: ClassVar[str] = "npo_kl"
+    Params: ClassVar[type[BaseModel]] = NpoRetainParams
+    retain_term: ClassVar[str | None] = "kl"
+
+
+class GradAscent(Npo):
+    name: ClassVar[str] = "grad_ascent"
+    Params: ClassVar[type[BaseModel]] = GradAscentParams
+    uses_npo: ClassVar[bool] = False

@@ -1,0 +1,265 @@
+"""Control LLM invariants (METHODS.md section 3): layer choice, identity at init, lerp, divergence,
+generation through the wrapped layers, merge-back, unwrap / rewrap across tasks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TASK_A, TASK_B, make_task
+from peft.tuners.lora import LoraLayer
+
+from cltune.config import LoraConfig, TrainConfig
+from cltune.data import collate, left_pad
+from cltune.errors import ConfigError, StopRequested
+from cltune.methods.control_llm import (
+    ADAPTER,
+    ControlLlm,
+    ControlLlmParams,
+    InterpolatedForward,
+    decoder_layers,
+    expansion_layers,
+)
+from cltune.models import LoadedModel, build_tiny_llama
+from cltune.train import Callbacks, train_task
+
+LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
+
+
+@pytest.fixture
+def tiny4() -> LoadedModel:
+    """A 4-layer tiny Llama: K=2 expands layers 1 and 3."""
+    model, tok, fp = build_tiny_llama(seed=0, layers=4)
+    return LoadedModel(model.eval(), tok, "tiny4", fp, torch.device("cpu"), torch.float32)
+
+
+def _task(loaded, pairs=TASK_A, index=0, steps=3):
+    return make_task(
+        loaded,
+        pairs,
+        index=index,
+        name=f"t{index}",
+        lora=LORA,
+        train=TrainConfig(steps=steps, batch_size=4, max_len=64, lr=1e-2),
+    )
+
+
+def _randomise_b(model, seed: int = 0, std: float = 0.2) -> None:
+    """Give lora_B non-zero values so the adapted pass differs from the frozen one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLayer) and ADAPTER in m.lora_B:
+                w = m.lora_B[ADAPTER].weight
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _wrapped(model) -> list[int]:
+    return [
+        i
+        for i, layer in enumerate(decoder_layers(model))
+        if isinstance(layer.__dict__.get("forward"), InterpolatedForward)
+    ]
+
+
+def test_expansion_layers_are_every_split_th_layer():
+    assert expansion_layers(32, 8) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert expansion_layers(4, 2) == [1, 3]
+    assert expansion_layers(2, 1) == [1]
+    assert expansion_layers(30, 8) == [8, 11, 14, 17, 20, 23, 26, 29]  # split 3 gives 10: the deepest 8
+    with pytest.raises(ConfigError, match="num_expanded=5"):
+        expansion_layers(4, 5)
+
+
+def test_logits_equal_base_logits_and_divergence_is_zero_at_init(tiny4):
+    task = _task(tiny4)
+    batch = collate(task.train[:4], task.pad_id)
+    base = _logits(tiny4.model, batch)
+    m = ControlLlm(ControlLlmParams(num_expanded=2))
+    model = m.prepare(tiny4.model, task, None)
+    model.eval()
+    assert torch.equal(_logits(model, batch), base)
+    model.train()
+    out = m.loss(model, batch)
+    assert out.parts["divergence"] == 0.0
+    assert out.parts["ce"] == pytest.approx(out.total.item())
+
+
+def test_only_expansion_layers_have_trainable_tensors(tiny4):
+    m = ControlLlm(ControlLlmParams(num_expanded=2))
+    model = m.prepare(tiny4.model, _task(tiny4), None)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    layers = {int(n.split("layers.")[1].split(".")[0]) for n in names}
+    assert layers == {1, 3}
+    assert all("lora_" in n for n in names)
+    assert len(names) == 2 * 7 * 2  # 2 layers x 7 linear modules (all-linear) x (A, B)
+    assert {id(p) for p in m.trainable_parameters(model)} == {
+        id(p) for _, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def test_wrapped_layer_returns_lerp_of_frozen_and_adapted_passes(tiny4):
+    m = ControlLlm(ControlLlmParams(num_expanded=2, init_logit=1.0))
+    model = m.prepare(tiny4.model, _task(tiny4), None)
+    _randomise_b(model)
+    model.eval()
+    root = model.get_base_model().model
+    layer = decoder_layers(model)[1]
+    h = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(3))  # [B, T, H]
+    pos = torch.arange(5).unsqueeze(0)
+    kw = {"position_ids": pos, "position_embeddings": root.rotary_emb(h, pos)}
+    with torch.no_grad():
+        out = layer(h, **kw)
+        h_e = layer.__dict__["forward"].inner(h, **kw)  # adapters on
+        with model.disable_adapter():
+            h_p = layer(h, **kw)  # disabled: the wrapper is the plain frozen layer
+    w = torch.sigmoid(torch.tensor(1.0))
+    assert not torch.allclose(h_e, h_p)
+    torch.testing.assert_close(out, (1 - w) * h_p + w * h_e, rtol=1e-5, atol=1e-6)
+
+
+def test_divergence_averages_over_non_padding_positions_only(tiny4):
+    m = ControlLlm(ControlLlmParams(num_expanded=2))
+    model = m.prepare(tiny4.model, _task(tiny4), None)
+    _randomise_b(model)
+    model.eval()  # no dropout: the two batches must see identical hidden states
+    task = _task(tiny4)
+    one = collate(task.train[:1], task.pad_id)
+    padded = collate([task.train[0], max(task.train, key=lambda x: len(x["input_ids"]))], task.pad_id)
+    padded = {k: v[:1] for k, v in padded.items()}  # row 0 now carries right padding
+    assert padded["input_ids"].shape[1] > one["input_ids"].shape[1]
+    d1 = m.loss(model, one).parts["divergence"]
+    d2 = m.loss(model, padded).parts["divergence"]
+    assert d1 > 0
+    assert d2 == pytest.approx(d1, rel=1e-5)
+
+
+def test_generation_through_wrapped_layers_matches_generation_without_cache(tiny4):
+    m = ControlLlm(ControlLlmParams(num_expanded=2))
+    model = m.prepare(tiny4.model, _task(tiny4), None)
+    _randomise_b(model, std=0.5)
+    model.eval()
+    task = _task(tiny4)
+    ids, mask = left_pad(
+        [x["input_ids"][:6] for x in task.train[:3]] + [task.train[5]["input_ids"][:9]], task.pad_id
+    )
+    kw = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "max_new_tokens": 8,
+        "do_sample": False,
+        "pad_token_id": task.pad_id,
+        "eos_token_id": None,
+    }
+    with torch.no_grad():
+        cached = model.generate(**kw)
+        uncached = model.generate(**kw, use_cache=False)
+        with model.disable_adapter():
+            base = model.generate(**kw)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, base)  # the adapter does change the output
+
+
+def test_served_adapter_is_w_times_the_trained_delta(tiny4):
+    m = ControlLlm(ControlLlmParams(num_expanded=2, init_logit=0.7, train_w=True))
+    task = _task(tiny4)
+    model = m.prepare(tiny4.model, task, None)
+    assert any(p is m.f for p in m.trainable_parameters(model))
+    train_task(model, m, task, task.train_cfg)
+    state = m.after_task(model, task)
+    w = state.meta["w"]
+    assert w != pytest.approx([torch.sigmoid(torch.tensor(0.7)).item()] * 2)  # f was trained
+    assert state.meta["notes"]["expanded_layers"] == [1, 3]
+    assert "first order" in state.meta["notes"]["approximation"]
+    assert _wrapped(model) == []  # plain peft model again
+    checked = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and ADAPTER in mod.lora_A:
+            key = name + ".lora_{}.weight"  # peft on-disk names
+            a = state.tensors["adapter." + key.format("A")]
+            b = state.tensors["adapter." + key.format("B")]
+            k = [1, 3].index(int(name.split("layers.")[1].split(".")[0]))
+            served = mod.lora_B[ADAPTER].weight @ mod.lora_A[ADAPTER].weight
+            assert b.abs().sum() > 0
+            torch.testing.assert_close(served, w[k] * (b @ a), rtol=1e-5, atol=1e-7)
+            checked += 1
+    assert checked == 14
+
+
+def test_next_task_restores_unscaled_weights_and_rewraps(tiny4):
+    m1 = ControlLlm(ControlLlmParams(num_expanded=2))
+    t0 = _task(tiny4)
+    model = m1.prepare(tiny4.model, t0, None)
+    assert _wrapped(model) == [1, 3]
+    train_task(model, m1, t0, t0.train_cfg)
+    state = m1.after_task(model, t0)
+    m2 = ControlLlm(ControlLlmParams(num_expanded=2))
+    model = m2.prepare(model, _task(tiny4, TASK_B, index=1), state)
+    assert _wrapped(model) == [1, 3]  # exactly once each, not wrapped twice
+    params = dict(model.named_parameters())
+    for key, v in state.tensors.items():
+        if key.startswith("adapter."):
+            live = params[key.removeprefix("adapter.").replace(".weight", f".{ADAPTER}.weight")]
+            assert torch.equal(live.detach(), v)  # the unscaled weights, not the served ones
+    with pytest.raises(ConfigError, match="layers"):
+        ControlLlm(ControlLlmParams(num_expanded=1)).prepare(model, _task(tiny4, TASK_B, index=1), state)
+
+
+def test_dlerp_gate_trains_and_its_mean_gate_is_served(tiny4):
+    m = ControlLlm(ControlLlmParams(num_expanded=2, merge="dlerp"))
+    task = _task(tiny4)
+    model = m.prepare(tiny4.model, task, None)
+    assert any(p is m.gate_w for p in m.trainable_parameters(model))
+    batch = collate(task.train[:4], task.pad_id)
+    model.eval()
+    base_model_logits = _logits(model, batch)
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, batch), base_model_logits)  # identity at init holds for dlerp too
+    train_task(model, m, task, task.train_cfg)
+    assert m.gate_w.abs().sum() > 0
+    state = m.after_task(model, task)
+    assert len(state.meta["w"]) == 2 and all(0.0 < x < 1.0 for x in state.meta["w"])
+    assert state.meta["w"] == pytest.approx((m.w_sum / m.w_count).tolist())
+
+
+def test_stopped_task_resumes_to_the_same_weights_as_an_uninterrupted_run(tiny4, tmp_path):
+    task = _task(tiny4, steps=4)
+    params = ControlLlmParams(num_expanded=2, train_w=True)
+
+    def trained(model, method):
+        return [p.detach().clone() for p in method.trainable_parameters(model)]
+
+    m = ControlLlm(params)
+    torch.manual_seed(0)  # the same lora_A init in both runs
+    model = m.prepare(copy.deepcopy(tiny4.model), task, None)
+    train_task(model, m, task, task.train_cfg)
+    expected = trained(model, m)
+
+    m = ControlLlm(params)
+    torch.manual_seed(0)  # the same lora_A init in both runs
+    model = m.prepare(copy.deepcopy(tiny4.model), task, None)
+    stops = iter([False, False, True])
+    with pytest.raises(StopRequested):
+        train_task(
+            model,
+            m,
+            task,
+            task.train_cfg,
+            checkpoint_dir=tmp_path / "ck",
+            callbacks=Callbacks(should_stop=lambda: next(stops)),
+        )
+    m = ControlLlm(params)  # a new process would build a new method; the old wrappers are still installed
+    model = m.prepare(model, task, None)
+    assert _wrapped(model) == [1, 3]
+    train_task(model, m, task, task.train_cfg, checkpoint_dir=tmp_path / "ck", resume=True)
+    got = trained(model, m)
+    assert len(got) == len(expected) == 2 * 7 * 2 + 1  # LoRA tensors + f
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(m.f.detach(), torch.zeros(2))  # f moved, and came back through the checkpoint
