@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(PY) -m cltune demo
+	$(VENV)/bin/cltune demo
 
 test: setup
 	$(PY) -m pytest -q

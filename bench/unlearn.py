@@ -216,7 +216,9 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--epochs", type=float, default=10.0, help="unlearning epochs over the forget set")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4, help="unlearning lr; at 1e-3 every method collapses the tiny model")
+    ap.add_argument(
+        "--lr", type=float, default=1e-4, help="unlearning lr; at 1e-3 every method collapses the tiny model"
+    )
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--max-answer-chars", type=int, default=12, help="skip capitals with longer names")

@@ -202,10 +202,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node: Any = data
         parts = key.split(".")
         for p in parts[:-1]:
-            if isinstance(node, list):
-                node = node[int(p)]
-            else:
-                node = node.setdefault(p, {})
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
         value = yaml.safe_load(raw)
         if isinstance(node, list):
             node[int(parts[-1])] = value

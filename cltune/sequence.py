@@ -3,6 +3,7 @@ register each task's adapter, and resume a run that was stopped or whose process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ def run_sequence(
     loaded: LoadedModel | None = None,
     created_by: str = "cli",
     resume: bool = True,
+    accelerator: Any = None,
 ) -> RunResult:
     """Train `cfg.tasks` in order with their methods; evaluate; register adapters.
 
@@ -205,7 +207,7 @@ def run_sequence(
                 task=d.config.name,
             )
 
-        cb_task = Callbacks(cb.should_stop, cb.on_progress, on_eval, cb.log)
+        cb_task = dataclasses.replace(cb, on_eval=on_eval)  # keeps every other callback (on_checkpoint)
         result = train_task(
             model,
             method,
@@ -214,6 +216,7 @@ def run_sequence(
             checkpoint_dir=run_dir / "checkpoint",
             resume=resume,
             callbacks=cb_task,
+            accelerator=accelerator,  # data-parallel: cltune/distributed.py
         )
         state = method.after_task(model, ctx)
         state.meta.setdefault("serve_adapter", method.serve_adapter)  # the next task may continue from it

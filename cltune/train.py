@@ -46,6 +46,7 @@ class Callbacks:
     on_progress: Callable[[Progress], None] = lambda p: None
     on_eval: Callable[[int], None] | None = None  # called every `eval_every` steps with the step
     log: Callable[..., None] | None = None  # log(message, **data): job events
+    on_checkpoint: Callable[[int], None] | None = None  # after each periodic checkpoint, with its step
 
 
 @dataclass
@@ -177,8 +178,12 @@ def train_task(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     callbacks: Callbacks | None = None,
+    accelerator: Any = None,
 ) -> TaskResult:
     """Train `model` (already prepared by `method.prepare`) on one task.
+
+    `accelerator` (data-parallel runs, cltune/distributed.py): this rank takes its share of every
+    batch and gradients are averaged across ranks before each optimizer step; None: one process.
 
     Raises:
         StopRequested: `should_stop()` returned True; a checkpoint was written first when
@@ -207,15 +212,21 @@ def train_task(
     result = TaskResult(steps=start, seconds=0.0, tokens=0, final_loss=float("nan"))
     model.train()
     t_start = time.perf_counter()
+    rank, world = (
+        (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    )
     for step in range(start, total):
-        if cb.should_stop():
+        stop = cb.should_stop()
+        if accelerator is not None:  # all ranks stop at the same step, or the others hang in all-reduce
+            stop = bool(accelerator.reduce(torch.tensor([float(stop)]).to(task.device), "sum").item() > 0)
+        if stop:
             if checkpoint_dir is not None:
                 save_checkpoint(checkpoint_dir, model, method, opt, sched, step)
             raise StopRequested(f"stopped at step {step} of task {task.name!r}", step=step)
         t0 = time.perf_counter()
         loss_sum, parts_sum, tokens = 0.0, dict[str, float](), 0
         for _ in range(cfg.grad_accum):
-            items = [task.train[i] for i in next(order)]
+            items = [task.train[i] for i in next(order)][rank::world]  # this rank's share of the batch
             batch = {k: v.to(task.device) for k, v in collate(items, task.pad_id).items()}
             out = method.loss(model, batch)
             (out.total / cfg.grad_accum).backward()
@@ -223,6 +234,11 @@ def train_task(
             for k, v in out.parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
+        if accelerator is not None:
+            from cltune.distributed import average_gradients
+
+            average_gradients(params, accelerator)  # DDP's all-reduce, once per optimizer step
+            loss_sum = float(accelerator.reduce(torch.tensor([loss_sum]).to(task.device), "mean").item())
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -247,6 +263,8 @@ def train_task(
             and done < total
         ):
             save_checkpoint(checkpoint_dir, model, method, opt, sched, done)
+            if cb.on_checkpoint is not None:  # e.g. copy it to a shared store so another host can resume
+                cb.on_checkpoint(done)
         if cb.on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             cb.on_eval(done)
             model.train()

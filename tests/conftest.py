@@ -62,8 +62,17 @@ def make_task(
     ex = qa_examples(pairs)
     tokens, _ = tokenize(ex, loaded.tokenizer, train.max_len)
     ret = tokenize(qa_examples(retain), loaded.tokenizer, train.max_len)[0] if retain else None
-    return TaskContext(index, name, tokens, ex, lora or LoraConfig(r=4, alpha=8), train,
-                       loaded.tokenizer.pad_token_id, loaded.device, retain=ret)
+    return TaskContext(
+        index,
+        name,
+        tokens,
+        ex,
+        lora or LoraConfig(r=4, alpha=8),
+        train,
+        loaded.tokenizer.pad_token_id,
+        loaded.device,
+        retain=ret,
+    )
 
 
 @pytest.fixture
@@ -73,5 +82,28 @@ def task_factory() -> Callable[..., TaskContext]:
 
 # A few small tasks with distinct templates (byte-level tokenizer: keep them short).
 TASK_A = [(f"add one to {i}", str(i + 1)) for i in range(20)]
-TASK_B = [(f"reverse {w}", w[::-1]) for w in ["abc", "dog", "cat", "sun", "map", "pen", "cup", "hat", "box", "fig",
-                                               "jam", "kit", "log", "mud", "nut", "owl", "pig", "rat", "sky", "toy"]]
+TASK_B = [
+    (f"reverse {w}", w[::-1])
+    for w in [
+        "abc",
+        "dog",
+        "cat",
+        "sun",
+        "map",
+        "pen",
+        "cup",
+        "hat",
+        "box",
+        "fig",
+        "jam",
+        "kit",
+        "log",
+        "mud",
+        "nut",
+        "owl",
+        "pig",
+        "rat",
+        "sky",
+        "toy",
+    ]
+]

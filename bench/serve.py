@@ -1,0 +1,374 @@
+"""Serving throughput of the inference engine: mixed-adapter batches vs one adapter vs no adapter vs one
+request at a time vs peft's own mixed-adapter path, all cases interleaved in one process.
+
+    .venv/bin/python bench/serve.py                                   # tiny-llama
+    .venv/bin/python bench/serve.py --model smollm2-135m --reps 2     # SmolLM2-135M (minutes on CPU)
+
+`--clients` threads (default 16) each send `--per-client` requests one after another (closed loop) to the
+engine's scheduler; every request asks for exactly `--new-tokens` greedy tokens (ignore_eos). Cases:
+  a    every request on one adapter                        (gathered LoRA forward, batched)
+  b    requests spread over 8 adapters, mixed batches      (gathered LoRA forward)
+  b32  requests spread over 32 adapters, mixed batches     (gathered LoRA forward)
+  c    the requests of (b) served one at a time (max_batch=1), the adapter changing between requests
+  e    the base model, no adapter
+  p    the requests of (b) in mixed batches through peft's `adapter_names=` path (same scheduler and loop)
+Adapters are random LoRA weights (r=8 on q_proj/v_proj, non-zero B) made here. Reports generated tokens/s,
+p50/p99 request latency, the ratios against the targets ((b) >= 0.9 (a), (b32) >= 0.85 (a), (a) >= 0.9 (e),
+(b) >= 4 (c), (b) > (p)), the minimum cost of one decode step per case, and whether (b), (b32) and (p) give exactly the greedy tokens of (c) (each
+request alone). The CPU may be shared with other processes: the load average is recorded; ratios are
+measured side by side in one run, with the case order rotated every repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import DynamicCache
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cltune.config import LoraConfig, ModelConfig  # noqa: E402
+from cltune.methods.common import peft_lora_config  # noqa: E402
+from cltune.models import LoadedModel, load_model  # noqa: E402
+from cltune.registry import Registry  # noqa: E402
+from service.engine import AdapterKey, Engine, EngineParams, Forward, GenRequest, SamplingParams  # noqa: E402
+
+TENANT = "bench"
+CASES = ["a", "b", "b32", "c", "e", "p"]
+TARGETS = {"b/a": 0.9, "b32/a": 0.85, "a/e": 0.9, "b/c": 4.0, "b/p": 1.0}
+
+
+def make_adapters(loaded_cfg: ModelConfig, registry: Registry, n: int, r: int, seed: int) -> None:
+    """Save `n` random LoRA adapters a0..a{n-1}: one peft model, weights redrawn before each save."""
+    lm = load_model(loaded_cfg)
+    pm = get_peft_model(lm.model, peft_lora_config(LoraConfig(r=r, alpha=2 * r)), adapter_name="x")
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+    for i in range(n):
+        with torch.no_grad():
+            for m in layers:
+                a, b = m.lora_A["x"].weight, m.lora_B["x"].weight
+                a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)  # [out, r]: a visible but sane change
+        registry.save(
+            pm,
+            "x",
+            {
+                "name": f"a{i}",
+                "base_model": lm.name,
+                "base_fingerprint": lm.fingerprint,
+                "method": "random",
+                "codebook": [],
+            },
+        )
+
+
+def peft_forward_for(pm: PeftModel) -> Any:
+    """Engine `forward_for` that runs peft's mixed-adapter path (adapter_names=) for the batch rows."""
+
+    def forward_for(keys: list[AdapterKey | None]) -> Forward:
+        names = [k.name if k else "__base__" for k in keys]
+
+        def forward(
+            ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, active: list[int]
+        ) -> torch.Tensor:
+            out = pm(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                adapter_names=[names[i] for i in active],
+            )
+            return out.logits[:, -1]
+
+        return forward
+
+    return forward_for
+
+
+def prompts(loaded: LoadedModel, n: int) -> list[list[int]]:
+    topics = [
+        "rivers",
+        "music",
+        "chess",
+        "bread",
+        "stars",
+        "trains",
+        "tea",
+        "maps",
+        "rain",
+        "glass",
+        "bees",
+        "salt",
+        "wolves",
+        "paper",
+        "ice",
+        "clocks",
+    ]
+    texts = [f"Tell me one fact about {topics[i % len(topics)]} (number {i})." for i in range(n)]
+    return [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def run_case(engine: Engine, reqs: list[GenRequest], clients: int) -> dict[str, Any]:
+    """`clients` threads, each sending its share of `reqs` one after another. Returns timings + tokens."""
+    lat = [0.0] * len(reqs)
+    toks: list[list[int]] = [[] for _ in reqs]
+    start = threading.Barrier(clients + 1)
+
+    def client(c: int) -> None:
+        start.wait()
+        for i in range(c, len(reqs), clients):
+            t0 = time.perf_counter()
+            out = engine.submit(reqs[i]).result()
+            lat[i] = time.perf_counter() - t0
+            toks[i] = out.token_ids
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "tokens": sum(map(len, toks)), "latencies": lat, "token_ids": toks}
+
+
+@torch.no_grad()
+def step_costs(
+    engine: Engine, peft_engine: Engine, keys: list[AdapterKey], batch: int, reps: int
+) -> dict[str, float]:
+    """CPU ms per decode step (batch rows, 20-token prompts) of each case's forward, minimum over `reps`
+    interleaved repetitions. Measured with one torch thread and the thread's own CPU time
+    (time.thread_time), so time spent waiting for a CPU shared with other processes is not counted."""
+    cases: dict[str, tuple[Engine, list[AdapterKey | None]]] = {
+        "a": (engine, [keys[0]] * batch),
+        "b": (engine, [keys[i % 8] for i in range(batch)]),
+        "b32": (engine, [keys[i % 32] for i in range(batch)]),
+        "e": (engine, [None] * batch),
+        "p": (peft_engine, [keys[i % 8] for i in range(batch)]),
+        "c": (engine, [keys[0]]),
+    }
+    ids = torch.randint(10, 200, (batch, 20))
+    best = dict.fromkeys(cases, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # all work on this thread: thread_time sees every cycle of the forward
+    for _ in range(reps):
+        for case, (eng, ad) in cases.items():
+            b = len(ad)
+            fwd = (
+                eng.forward_for(ad)
+                if eng.forward_for
+                else eng._forward([eng._resident[k] if k else 0 for k in ad])
+            )
+            mask = torch.ones(b, 20, dtype=torch.long)
+            pos = torch.arange(20)[None].expand(b, 20)
+            cache = DynamicCache()
+            fwd(ids[:b], mask, pos, cache, list(range(b)))
+            t0 = time.thread_time()
+            for s in range(8):
+                mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+                fwd(ids[:b, :1], mask, pos[:, -1:] + 1 + s, cache, list(range(b)))
+            best[case] = min(best[case], (time.thread_time() - t0) / 8 * 1000)
+    torch.set_num_threads(threads)
+    return {k: round(v, 2) for k, v in best.items()}
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-client", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--step-reps", type=int, default=5, help="repetitions of the per-step forward timing")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    cfg = ModelConfig(name=args.model, device="cpu")
+    tmp = Path(tempfile.mkdtemp(prefix="cltune-bench-serve-"))
+    registry = Registry(tmp / TENANT)
+    t0 = time.perf_counter()
+    make_adapters(cfg, registry, 32, args.rank, seed=0)
+    loaded = load_model(cfg)
+    engine = Engine(
+        loaded,
+        lambda _t: registry,
+        EngineParams(max_adapters=32, max_batch=args.clients, max_wait_ms=args.max_wait_ms),
+    )
+    keys = [engine.resolve(TENANT, registry.get(f"a{i}")) for i in range(32)]
+    for k in keys:  # load all 32 now: the cases measure generation, not the first load from disk
+        engine.pin(k)
+    ref = load_model(cfg)  # a second copy of the base model for peft (the engine wraps its own in place)
+    pm = PeftModel.from_pretrained(ref.model, str(keys[0].path), adapter_name="a0")
+    for k in keys[1:8]:
+        pm.load_adapter(str(k.path), adapter_name=k.name)
+    pm.eval()
+    peft_engine = Engine(
+        ref,
+        lambda _t: registry,
+        EngineParams(max_batch=args.clients, max_wait_ms=args.max_wait_ms),
+        forward_for=peft_forward_for(pm),
+    )
+    setup_s = time.perf_counter() - t0
+
+    n = args.clients * args.per_client
+    ids = prompts(loaded, n)
+    sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    adapters = {
+        "a": [keys[0]] * n,
+        "b": [keys[i % 8] for i in range(n)],
+        "b32": [keys[i % 32] for i in range(n)],
+        "c": [keys[i % 8] for i in range(n)],
+        "e": [None] * n,
+        "p": [keys[i % 8] for i in range(n)],
+    }
+    engine.submit(GenRequest(ids[0], keys[0], sp)).result()  # warm-up (threads, allocator)
+    peft_engine.submit(GenRequest(ids[0], keys[0], sp)).result()
+
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
+    load_before = os.getloadavg()
+    for rep in range(args.reps):
+        order = CASES[rep % len(CASES) :] + CASES[: rep % len(CASES)]  # rotate: no case always runs first
+        for case in order:
+            eng = peft_engine if case == "p" else engine
+            engine.params.max_batch = 1 if case == "c" else args.clients
+            reqs = [GenRequest(ids[i], adapters[case][i], sp) for i in range(n)]
+            runs[case].append(run_case(eng, reqs, args.clients))
+            r = runs[case][-1]
+            print(
+                f"rep {rep} {case:>4}: {r['tokens'] / r['wall_s']:8.1f} tok/s  wall {r['wall_s']:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    engine.params.max_batch = args.clients
+
+    result: dict[str, Any] = {
+        "model": args.model,
+        "clients": args.clients,
+        "requests_per_case": n,
+        "new_tokens": args.new_tokens,
+        "reps": args.reps,
+        "rank": args.rank,
+        "setup_s": round(setup_s, 1),
+        "cases": {},
+    }
+    if args.reps > 0:  # --reps 0: only the per-step costs
+        for case, rs in runs.items():
+            lat = [x for r in rs for x in r["latencies"]]
+            result["cases"][case] = {
+                "tokens_per_s": round(sum(r["tokens"] for r in rs) / sum(r["wall_s"] for r in rs), 2),
+                "tokens_per_s_each_rep": [round(r["tokens"] / r["wall_s"], 2) for r in rs],
+                "p50_latency_s": round(statistics.median(lat), 3),
+                "p99_latency_s": round(pct(lat, 99), 3),
+            }
+
+        # Ratios per repetition (cases side by side under the same machine load), then the median over reps;
+        # the pooled ratio (total tokens / total time per case) is reported beside it.
+        def ratios(tps: dict[str, float]) -> dict[str, float]:
+            return {
+                "b/a": tps["b"] / tps["a"],
+                "b32/a": tps["b32"] / tps["a"],
+                "a/e": tps["a"] / tps["e"],
+                "b/c": tps["b"] / tps["c"],
+                "b/p": tps["b"] / tps["p"],
+            }
+
+        per_rep = [
+            ratios({c: runs[c][i]["tokens"] / runs[c][i]["wall_s"] for c in CASES}) for i in range(args.reps)
+        ]
+        pooled = ratios({c: v["tokens_per_s"] for c, v in result["cases"].items()})
+        result["ratios"] = {}
+        for k, target in TARGETS.items():
+            med = statistics.median(r[k] for r in per_rep)
+            result["ratios"][k] = {
+                "median_over_reps": round(med, 3),
+                "each_rep": [round(r[k], 3) for r in per_rep],
+                "pooled": round(pooled[k], 3),
+                "target": target,
+                "met": med > target if k == "b/p" else med >= target,
+            }
+        alone = [runs["c"][0]["token_ids"][i] for i in range(n)]  # (c): every request alone, greedy
+        b32_alone = engine.generate([GenRequest(ids[i], adapters["b32"][i], sp) for i in range(min(n, 8))])
+        result["token_equality"] = {
+            "b_equals_alone": all(r["token_ids"] == alone for r in runs["b"]),
+            "p_equals_alone": all(r["token_ids"] == alone for r in runs["p"]),
+            "b32_equals_its_own_batch": all(
+                r["token_ids"][:8] == [c.token_ids for c in b32_alone] for r in runs["b32"]
+            ),
+            "all_reps_identical": all(
+                r["token_ids"] == rs[0]["token_ids"] for rs in runs.values() for r in rs
+            ),
+            "adapters_change_output": len({tuple(t) for t in runs["b"][0]["token_ids"][:8]}) > 1
+            and runs["b"][0]["token_ids"] != runs["e"][0]["token_ids"],
+        }
+    steps = step_costs(engine, peft_engine, keys, args.clients, args.step_reps)
+    result["decode_step_ms_min"] = {
+        **steps,
+        "note": f"CPU ms of one thread per decode step; batch {args.clients} except c (batch 1); minimum over "
+        f"{args.step_reps} repetitions",
+    }
+    # the same targets from the per-step CPU cost: throughput = rows per step / cost per step
+    result["decode_step_ratios"] = {
+        "b/a": round(steps["a"] / steps["b"], 3),
+        "b32/a": round(steps["a"] / steps["b32"], 3),
+        "a/e": round(steps["e"] / steps["a"], 3),
+        "b/c": round(args.clients * steps["c"] / steps["b"], 3),
+        "b/p": round(steps["p"] / steps["b"], 3),
+    }
+    result["engine_stats"] = dict(engine.stats)
+    result["env"] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "device": str(loaded.device),
+    }
+    engine.close()
+    peft_engine.close()
+    text = json.dumps(result, indent=1)
+    print(text)
+    print(f"\n{'case':>5} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8}", file=sys.stderr)
+    for case, v in result.get("cases", {}).items():
+        print(
+            f"{case:>5} {v['tokens_per_s']:9.1f} {v['p50_latency_s']:8.3f} {v['p99_latency_s']:8.3f}",
+            file=sys.stderr,
+        )
+    for k, v in result.get("ratios", {}).items():
+        print(
+            f"{k:>6} {v['median_over_reps']:7.3f} (pooled {v['pooled']:.3f})  target {v['target']}  "
+            f"{'met' if v['met'] else 'MISSED'}",
+            file=sys.stderr,
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The one error shape, `{"error": {"type", "message", ...details}}`, and the one place where domain
+errors become HTTP status codes. Unexpected exceptions answer a bare 500 (logged, never echoed)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from typing import Any
+
+from annotated_types import Ge, Gt, Le, Lt
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cltune.config import EvalConfig, LoraConfig, ModelConfig, TaskConfig, TrainConfig
+from cltune.errors import (
+    CLTuneError,
+    ConfigError,
+    ConflictError,
+    DataError,
+    InvalidNameError,
+    MissingDependencyError,
+    NotFoundError,
+    UnknownNameError,
+)
+
+log = logging.getLogger("cltune.api")
+
+# First match along the exception's MRO wins (LeaseLost is a ConflictError -> 409).
+STATUS: dict[type[CLTuneError], int] = {
+    ConfigError: 422,
+    DataError: 422,
+    UnknownNameError: 422,
+    InvalidNameError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    MissingDependencyError: 501,
+    CLTuneError: 400,
+}
+HTTP_TYPES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+}
+
+
+class ApiError(Exception):
+    """An HTTP error raised by the API layer itself (auth, uploads, request shape)."""
+
+    def __init__(
+        self, status: int, type_: str, message: str, headers: dict[str, str] | None = None, **details: Any
+    ) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers, self.details = (
+            status,
+            type_,
+            message,
+            headers,
+            details,
+        )
+
+
+def error_response(
+    status: int, type_: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> JSONResponse:
+    body = {"type": type_, "message": message, **{k: v for k, v in details.items() if v is not None}}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def status_of(exc: CLTuneError) -> int:
+    return next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
+
+
+def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            where, loc = loc[0], loc[1:]
+        else:
+            where = "request"
+        msg = err.get("msg", "")
+        if err.get("type") == "json_invalid":  # loc holds the character offset of the syntax error
+            msg = f"{(err.get('ctx') or {}).get('error', msg)} at character {loc[0] if loc else '?'}"
+            loc = []
+        out.append({"in": where, "field": ".".join(loc) or "(root)", "message": msg, "type": err.get("type")})
+    return out
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers so that every error answers the same shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.type, exc.message, exc.headers, **exc.details)
+
+    @app.exception_handler(CLTuneError)
+    async def _domain(_: Request, exc: CLTuneError) -> JSONResponse:
+        return JSONResponse({"error": exc.to_dict()}, status_code=status_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _field_errors(exc)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if any(e["in"] == "body" for e in errors) and ctype != "application/json":
+            return error_response(
+                415,
+                "unsupported_media_type",
+                f"content type {ctype or '(none)'!r} is not "
+                "accepted here; send a JSON body with Content-Type: application/json",
+            )
+        if any(e["type"] == "json_invalid" for e in errors):
+            return error_response(
+                400,
+                "invalid_json",
+                "the request body is not valid JSON: " + "; ".join(e["message"] for e in errors),
+                errors=errors,
+            )
+        msg = "; ".join(f"{e['in']} {e['field']}: {e['message']}" for e in errors)
+        return error_response(422, "invalid_request", f"invalid request: {msg}", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.url.path!r}; the API is documented at /docs"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path!r}"
+        return error_response(
+            exc.status_code,
+            HTTP_TYPES.get(exc.status_code, "http_error"),
+            message,
+            getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        ref = secrets.token_hex(4)
+        log.exception("unhandled error %s on %s %s", ref, request.method, request.url.path)
+        return error_response(
+            500, "internal_error", f"internal server error (reference {ref}); see the server log"
+        )
+
+
+# ---------------------------------------------------------------- valid ranges for config errors
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def _range(model: type[BaseModel], name: str) -> str | None:
+    info = model.model_fields.get(name)
+    if info is None:
+        return None
+    lo = hi = None
+    for m in info.metadata:
+        if isinstance(m, Ge):
+            lo = f"{m.ge} <= "
+        elif isinstance(m, Gt):
+            lo = f"{m.gt} < "
+        elif isinstance(m, Le):
+            hi = f" <= {m.le}"
+        elif isinstance(m, Lt):
+            hi = f" < {m.lt}"
+    return f"{lo or ''}{name}{hi or ''}" if lo or hi else None
+
+
+def _owner(parts: list[str], data: dict[str, Any]) -> tuple[type[BaseModel], str] | None:
+    """The pydantic model that declares the field at `parts` (a ConfigError field path), and its name."""
+    from cltune.methods import METHODS
+
+    def params_of(method: Any) -> type[BaseModel] | None:
+        name = method.get("name", "seq_lora") if isinstance(method, dict) else "seq_lora"
+        return getattr(METHODS.get(name), "Params", None)
+
+    if len(parts) == 2 and parts[0] in SECTIONS:
+        return SECTIONS[parts[0]], parts[1]
+    if len(parts) == 2 and parts[0] == "method":  # method params are reported as method.<param>
+        p = params_of(data.get("method"))
+        return (p, parts[1]) if p else None
+    if len(parts) >= 3 and parts[0] == "tasks" and parts[1].isdigit():
+        if len(parts) == 3:
+            return TaskConfig, parts[2]
+        tasks = data.get("tasks") or []
+        idx = int(parts[1])
+        task = (
+            tasks[idx]
+            if isinstance(tasks, list) and idx < len(tasks) and isinstance(tasks[idx], dict)
+            else {}
+        )
+        p = params_of(task.get("method"))
+        return (p, parts[-1]) if p and parts[2] == "method" else None
+    return None
+
+
+_PARAM_ERROR = re.compile(r"params\.([A-Za-z_]\w*): ([^;]*)")  # how MethodConfig reports its params' errors
+
+
+def _is_range(message: str) -> bool:
+    return "greater" in message or "less" in message
+
+
+def with_valid_ranges(exc: ConfigError, data: dict[str, Any]) -> ConfigError:
+    """Add each out-of-range field's full valid range ("1 <= r <= 1024") to its error and the message.
+
+    Method params arrive as one error on `method` (or `tasks.N.method`) whose message holds
+    "params.<name>: <problem>" parts; each part gets the range of that param."""
+    errors = []
+    for err in exc.details.get("errors") or []:
+        parts = str(err.get("field", "")).split(".")
+        found: list[str] = []
+
+        def annotate(m: re.Match[str], parts: list[str] = parts, found: list[str] = found) -> str:
+            owner = _owner([*parts, m.group(1)], data)
+            rng = _range(*owner) if owner and _is_range(m.group(2)) else None
+            if rng:
+                found.append(rng)
+            return f"{m.group(0)} (valid: {rng})" if rng else m.group(0)
+
+        if parts[-1] == "method":
+            message = _PARAM_ERROR.sub(annotate, err["message"])
+        else:
+            owner = _owner(parts, data)
+            rng = _range(*owner) if owner and _is_range(err["message"]) else None
+            found += [rng] if rng else []
+            message = f"{err['message']} (valid: {rng})" if rng else err["message"]
+        errors.append({**err, "message": message, **({"valid": "; ".join(found)} if found else {})})
+    msg = "invalid run config: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return ConfigError(msg if errors else exc.message, errors=errors)

@@ -1,0 +1,108 @@
+"""Datasets: upload JSONL (multipart `file` or a raw body), list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import artifacts, datasets
+from service.api.deps import EngineDep, SettingsDep, TenantDep
+from service.api.errors import ApiError
+from service.api.schemas import DatasetList, DatasetPublic, ErrorResponse
+from service.api.uploads import RAW_TYPES, Received, receive_multipart, receive_raw, too_large
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 404, 409, 413, 415, 422)}
+UPLOAD_DOC = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "name": {"type": "string"},
+                    },
+                }
+            },
+            "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+        }
+    }
+}
+
+
+@router.post("", status_code=201, response_model=DatasetPublic, responses=ERRORS, openapi_extra=UPLOAD_DOC)
+async def upload_dataset(
+    request: Request,
+    settings: SettingsDep,
+    engine: EngineDep,
+    tenant: TenantDep,
+    name: Annotated[str | None, Query(description="dataset name; default: the uploaded file name")] = None,
+) -> DatasetPublic:
+    """Upload a JSONL dataset (chat, alpaca or prompt/completion records), validated before it is stored.
+
+    Send `multipart/form-data` with a `file` part (`curl -F file=@train.jsonl`), or the raw JSONL with
+    Content-Type application/x-ndjson and `?name=`. The body is streamed to disk; over
+    CLTUNE_MAX_UPLOAD_BYTES it is refused with 413.
+    """
+    limit = settings.max_upload_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + 64 * 1024:  # multipart framing adds a few hundred bytes
+        raise too_large(limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ds_id, staged = await run_in_threadpool(datasets.staging_path, settings, tenant)
+    try:
+        if ctype == "multipart/form-data":
+            got: Received = await receive_multipart(
+                request.stream(), request.headers["content-type"], staged, limit
+            )
+        elif ctype in RAW_TYPES:
+            got = await receive_raw(request.stream(), staged, limit)
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"content type {ctype or '(none)'!r} is not accepted; "
+                f"send multipart/form-data with a 'file' part, or one of: {', '.join(RAW_TYPES)}",
+            )
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    ds_name = name or got.fields.get("name") or got.filename
+    if not ds_name:
+        staged.unlink(missing_ok=True)
+        raise ApiError(
+            422, "invalid_request", "name the dataset: ?name=... (raw bodies have no file name)", field="name"
+        )
+    ds = await run_in_threadpool(
+        datasets.publish, engine, settings, tenant, ds_id, ds_name, staged, got.size, got.sha256
+    )
+    await run_in_threadpool(artifacts.put_dataset, settings, tenant, ds.path)  # for workers on other hosts
+    return DatasetPublic.of(ds)
+
+
+@router.get("", response_model=DatasetList, responses=ERRORS)
+def list_datasets(
+    engine: EngineDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetList:
+    items, total = datasets.list_datasets(engine, tenant, limit, offset)
+    return DatasetList(items=[DatasetPublic.of(d) for d in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=ERRORS)
+def get_dataset(dataset_id: str, engine: EngineDep, tenant: TenantDep) -> DatasetPublic:
+    return DatasetPublic.of(datasets.get_dataset(engine, tenant, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=ERRORS)
+def delete_dataset(dataset_id: str, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    """Delete a dataset and its file (409 while a queued or running job uses it)."""
+    ds = datasets.delete_dataset(engine, tenant, dataset_id)
+    artifacts.delete_dataset(settings, tenant, ds.path)
+    return Response(status_code=204)

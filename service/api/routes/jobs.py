@@ -1,0 +1,184 @@
+"""Jobs: create (validated before it is queued), list, get, events (JSON and SSE), cancel, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
+from cltune.config import ModelConfig, parse_config
+from cltune.errors import ConfigError
+from cltune.models import CATALOG
+from service import store
+from service.api.deps import EngineDep, SettingsDep, TenantDep
+from service.api.errors import with_valid_ranges
+from service.api.schemas import ErrorResponse, EventList, EventPublic, JobCreate, JobList, JobPublic
+from service.datasets import DATASET_FIELDS, find_datasets
+from service.db import TERMINAL, JobStatus
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 422)}
+EVENT_PAGE = 500
+
+
+def resolve_config(engine: Engine, settings: Settings, tenant: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Replace the tenant's dataset ids with their files and validate the result as a RunConfig.
+
+    Returns the RunConfig JSON the runner trains. Raises ConfigError listing every problem at once:
+    unknown dataset ids, models outside the catalog, and each invalid field with its valid range.
+    """
+    cfg = copy.deepcopy(config)
+    errors: list[dict[str, Any]] = []
+    tasks: list[Any] = cfg["tasks"] if isinstance(cfg.get("tasks"), list) else []
+    refs = {t[f] for t in tasks if isinstance(t, dict) for f in DATASET_FIELDS if isinstance(t.get(f), str)}
+    owned = find_datasets(engine, tenant, refs)
+    for i, task in enumerate(tasks):
+        for f in DATASET_FIELDS if isinstance(task, dict) else ():
+            ref = task.get(f)
+            if ref is None:
+                continue
+            if isinstance(ref, str) and ref in owned:
+                task[f] = owned[ref].path
+            else:
+                errors.append(
+                    {
+                        "field": f"tasks.{i}.{f}",
+                        "input": str(ref)[:80],
+                        "message": f"unknown dataset {str(ref)[:80]!r}; use the id (ds_...) of one of your "
+                        "datasets (GET /v1/datasets, upload with POST /v1/datasets)",
+                    }
+                )
+    model: dict[str, Any] = cfg["model"] if isinstance(cfg.get("model"), dict) else {}
+    name = model.get("name", ModelConfig.model_fields["name"].default)
+    if not settings.allow_model_paths and name not in CATALOG:
+        errors.append(
+            {
+                "field": "model.name",
+                "input": str(name)[:80],
+                "message": f"unknown model {str(name)[:80]!r}; valid: {', '.join(sorted(CATALOG))}",
+            }
+        )
+    try:
+        resolved = parse_config(cfg).model_dump(mode="json")
+    except ConfigError as e:
+        errors += with_valid_ranges(e, cfg).details["errors"]
+    if errors:
+        msg = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise ConfigError(f"invalid job config: {msg}", errors=errors)
+    return resolved
+
+
+@router.post("", status_code=201, response_model=JobPublic, responses=ERRORS)
+def create_job(body: JobCreate, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> JobPublic:
+    """Validate a RunConfig that names your datasets by id, then queue it."""
+    config = resolve_config(engine, settings, tenant, body.config)
+    spec = body.model_dump(mode="json")
+    job = store.enqueue(
+        engine, tenant, spec, config, body.priority, body.max_attempts or settings.max_attempts
+    )
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobList, responses=ERRORS)
+def list_jobs(
+    engine: EngineDep,
+    tenant: TenantDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    """Your jobs, newest first; filter by `status`."""
+    jobs, total = store.list_jobs(engine, tenant, status, limit, offset)
+    return JobList(items=[JobPublic.of(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
+def get_job(job_id: str, engine: EngineDep, tenant: TenantDep) -> JobPublic:
+    return JobPublic.of(store.get_job(engine, tenant, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
+def list_events(
+    job_id: str,
+    engine: EngineDep,
+    tenant: TenantDep,
+    after_id: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=EVENT_PAGE)] = EVENT_PAGE,
+) -> EventList:
+    """The job's events with id > `after_id`, oldest first."""
+    events = store.list_events(engine, tenant, job_id, after_id, limit)
+    return EventList(
+        items=[EventPublic.of(e) for e in events], next_after_id=events[-1].id if events else after_id
+    )
+
+
+@router.get("/{job_id}/events/stream", responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
+async def stream_events(
+    job_id: str,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    after_id: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header(description="SSE reconnection cursor")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: each job event as `id`/`event`/`data` (JSON); a final `end` event once the job
+    has finished and every event was sent. Reconnect with Last-Event-ID (or `after_id`) to resume."""
+    await run_in_threadpool(store.get_job, engine, tenant, job_id)  # 404 before the stream starts
+    cursor = max(after_id, int(last_event_id) if last_event_id and last_event_id.isdigit() else 0)
+    return StreamingResponse(
+        _sse(request, engine, settings, tenant, job_id, cursor),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _frame(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+async def _sse(
+    request: Request, engine: Engine, settings: Settings, tenant: str, job_id: str, cursor: int
+) -> AsyncIterator[str]:
+    quiet_since = time.monotonic()
+    while not await request.is_disconnected():
+        # status first, then events: every event written before the final transition is read below
+        job = await run_in_threadpool(store.get_job, engine, tenant, job_id)
+        events = await run_in_threadpool(store.list_events, engine, tenant, job_id, cursor, EVENT_PAGE)
+        for e in events:
+            yield _frame(e.type, EventPublic.of(e).model_dump(mode="json"), e.id)
+            cursor = e.id
+        if len(events) == EVENT_PAGE:
+            continue
+        if job.status in TERMINAL:
+            yield _frame("end", {"job_id": job_id, "status": job.status.value, "error": job.error})
+            return
+        if events:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > settings.sse_keepalive_seconds:
+            yield ": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        await asyncio.sleep(settings.sse_poll_seconds)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
+def cancel_job(job_id: str, engine: EngineDep, tenant: TenantDep) -> JobPublic:
+    """A queued job is cancelled at once; a running one stops within one step (then is killed after the
+    grace period). 409 if it already finished."""
+    return JobPublic.of(store.request_cancel(engine, tenant, job_id))
+
+
+@router.post("/{job_id}/retry", response_model=JobPublic, responses=ERRORS)
+def retry_job(job_id: str, engine: EngineDep, tenant: TenantDep) -> JobPublic:
+    """Re-queue a failed or cancelled job (it resumes from its last checkpoint). 409 otherwise."""
+    return JobPublic.of(store.retry(engine, tenant, job_id))

@@ -1,0 +1,214 @@
+"""Wire schemas, named by role: `...Create` is what a client sends, `...Public` what it gets back.
+They are distinct from stored rows (service/db.py) and domain objects (service/store.py, datasets.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cltune.registry import AdapterRecord
+from service.auth import ApiKey, Tenant
+from service.datasets import Dataset
+from service.db import JobStatus
+from service.store import Event, Job
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # details: field, errors, limit_bytes, choices, ...
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Page(BaseModel):
+    total: int
+    limit: int
+    offset: int
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str
+    format: str
+    examples: int
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, d: Dataset) -> DatasetPublic:
+        return cls(
+            id=d.id,
+            name=d.name,
+            format=d.format,
+            examples=d.examples,
+            sha256=d.sha256,
+            size_bytes=d.size_bytes,
+            created_at=d.created_at,
+        )
+
+
+class DatasetList(Page):
+    items: list[DatasetPublic]
+
+
+# ---------------------------------------------------------------- jobs
+
+
+class JobCreate(_In):
+    config: dict[str, Any] = Field(
+        description="A RunConfig (see cltune/config.py) whose tasks' train / eval / retain are dataset ids "
+        "of your tenant (ds_...), e.g. {'model': {'name': 'tiny-llama'}, 'method': {'name': "
+        "'seq_lora'}, 'tasks': [{'name': 'a', 'train': 'ds_...'}], 'train': {'steps': 10}}"
+    )
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
+    max_attempts: int | None = Field(
+        None, ge=1, le=100, description="claims before it fails; default from CLTUNE_MAX_ATTEMPTS"
+    )
+
+
+class JobPublic(BaseModel):
+    id: str
+    status: JobStatus
+    priority: int
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    spec: dict[str, Any]  # the request as sent (dataset ids)
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+    traceback: str | None  # of the last failed attempt (the job's own training code, never a request error)
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, j: Job) -> JobPublic:
+        return cls(
+            id=j.id,
+            status=j.status,
+            priority=j.priority,
+            attempts=j.attempts,
+            max_attempts=j.max_attempts,
+            cancel_requested=j.cancel_requested,
+            spec=j.spec,
+            progress=j.progress,
+            result=j.result,
+            error=j.error,
+            traceback=j.traceback,
+            created_at=j.created_at,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+            updated_at=j.updated_at,
+        )
+
+
+class JobList(Page):
+    items: list[JobPublic]
+
+
+class EventPublic(BaseModel):
+    id: int  # increasing per job: pass the last one as `after_id` (or SSE Last-Event-ID) to resume
+    job_id: str
+    ts: datetime
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: Event) -> EventPublic:
+        return cls(
+            id=e.id, job_id=e.job_id, ts=e.ts, level=e.level, type=e.type, message=e.message, data=e.data
+        )
+
+
+class EventList(BaseModel):
+    items: list[EventPublic]
+    next_after_id: int  # the cursor for the next page
+
+
+# ---------------------------------------------------------------- adapters
+
+
+class AdapterPublic(BaseModel):
+    name: str
+    version: int
+    ref: str  # name@version
+    base_model: str
+    base_fingerprint: str
+    method: str
+    method_params: dict[str, Any]
+    lora: dict[str, Any]
+    task: str | None
+    parent: str | None
+    datasets: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    group: str | None
+    codebook_size: int
+    notes: dict[str, Any]
+    created_by: str | None
+    created_at: str
+
+    @classmethod
+    def of(cls, r: AdapterRecord) -> AdapterPublic:
+        data = r.model_dump(mode="json", exclude={"codebook"})
+        return cls(**data, ref=r.ref, codebook_size=len(r.codebook))
+
+
+class AdapterList(BaseModel):
+    items: list[AdapterPublic]
+
+
+# ---------------------------------------------------------------- admin
+
+
+class TenantCreate(_In):
+    name: str = Field(description="1-64 characters from letters, digits, '.', '_', '-'")
+
+
+class TenantPublic(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, t: Tenant) -> TenantPublic:
+        return cls(id=t.id, name=t.name, created_at=t.created_at)
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    tenant_id: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, k: ApiKey) -> ApiKeyPublic:
+        return cls(
+            id=k.id, tenant_id=k.tenant_id, prefix=k.prefix, created_at=k.created_at, revoked_at=k.revoked_at
+        )
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="the API key; shown only in this response (only its hash is stored)")
+
+
+class Health(BaseModel):
+    status: str
+    database: str

@@ -1,0 +1,174 @@
+"""Stream a request body to a file chunk by chunk: raw bodies, or the `file` part of a multipart form.
+
+Nothing holds the whole upload: each chunk from the socket is hashed, counted against the limit and
+written, so a 100 MB upload costs one chunk of memory and a body over the limit is refused (413) as
+soon as the limit is crossed, whether or not the client sent a Content-Length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.api.errors import ApiError
+
+RAW_TYPES = (
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/jsonlines",
+    "application/json-lines",
+    "application/octet-stream",
+    "text/plain",
+)
+MAX_FIELD_BYTES = 1024  # non-file form fields (the dataset name)
+
+
+def too_large(limit: int) -> ApiError:
+    mb = limit / (1024 * 1024)
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"upload exceeds the limit of {limit} bytes ({mb:.1f} MiB); "
+        "split the dataset or raise CLTUNE_MAX_UPLOAD_BYTES",
+        limit_bytes=limit,
+    )
+
+
+@dataclass
+class Sink:
+    """Hashes, counts and writes bytes; raises 413 once more than `limit` bytes arrive."""
+
+    fh: IO[bytes]
+    limit: int
+    size: int = 0
+    digest: object = field(default_factory=hashlib.sha256)
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise too_large(self.limit)
+        self.digest.update(data)  # type: ignore[attr-defined]
+        self.fh.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Received:
+    size: int
+    sha256: str
+    filename: str | None  # multipart: the file part's filename
+    fields: dict[str, str]  # multipart: small text fields (e.g. name)
+
+
+async def receive_raw(chunks: AsyncIterator[bytes], dest: Path, limit: int) -> Received:
+    with dest.open("wb") as fh:
+        sink = Sink(fh, limit)
+        async for chunk in chunks:
+            sink.write(chunk)
+    return Received(sink.size, sink.sha256, None, {})
+
+
+async def receive_multipart(
+    chunks: AsyncIterator[bytes], content_type: str, dest: Path, limit: int
+) -> Received:
+    """Write the part named `file` to `dest`; keep other (small) fields. 422 if there is no file part."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "invalid_request", "multipart/form-data body without a boundary parameter")
+    with dest.open("wb") as fh:
+        parts = _Parts(Sink(fh, limit))
+        parser = MultipartParser(boundary, parts.callbacks(), max_header_count=16)
+        async for chunk in chunks:
+            try:
+                parser.write(chunk)
+            except ApiError:
+                raise
+            except Exception as e:  # the parser's own errors: a malformed body is the client's problem
+                raise ApiError(400, "invalid_request", f"malformed multipart body: {e}") from None
+        parser.finalize()
+    if not parts.got_file:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "multipart upload without a 'file' part; send the JSONL as "
+            "-F file=@data.jsonl (and optionally -F name=...)",
+            field="file",
+        )
+    return Received(parts.sink.size, parts.sink.sha256, parts.filename, parts.fields)
+
+
+class _Parts:
+    """Callbacks for python-multipart's push parser: route each part's bytes by its form field name."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.got_file = False
+        self.filename: str | None = None
+        self.fields: dict[str, str] = {}
+        self._header = b""
+        self._value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._name: str | None = None
+        self._buf = bytearray()
+
+    def callbacks(self) -> Any:  # python_multipart's MultipartCallbacks TypedDict
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": self._hfield,
+            "on_header_value": self._hvalue,
+            "on_header_end": self._hend,
+            "on_headers_finished": self._hdone,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        self._headers, self._name, self._buf = {}, None, bytearray()
+
+    def _hfield(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def _hvalue(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _hend(self) -> None:
+        self._headers[self._header.lower()] = self._value
+        self._header, self._value = b"", b""
+
+    def _hdone(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._name = params.get(b"name", b"").decode("utf-8", "replace")
+        if self._name == "file":
+            if self.got_file:
+                raise ApiError(
+                    422, "invalid_request", "send exactly one 'file' part per upload", field="file"
+                )
+            self.got_file = True
+            fn = params.get(b"filename")
+            self.filename = fn.decode("utf-8", "replace") if fn else None
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._name == "file":
+            self.sink.write(data[start:end])
+        elif len(self._buf) + (end - start) <= MAX_FIELD_BYTES:
+            self._buf += data[start:end]
+        else:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"form field {self._name!r} exceeds {MAX_FIELD_BYTES} bytes",
+                field=self._name,
+            )
+
+    def _end(self) -> None:
+        if self._name and self._name != "file":
+            self.fields[self._name] = self._buf.decode("utf-8", "replace")

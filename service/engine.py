@@ -1,0 +1,596 @@
+"""Inference engine: the base model loaded once, many LoRA adapters resident at once, and
+requests for different adapters generated together in one batch.
+
+How a mixed batch runs (punica / S-LoRA style, no Python loop over adapters):
+  * every LoRA target Linear of the base model is replaced by a `GatheredLoRALinear` that keeps the
+    base Linear plus the stacked weights of all resident adapters, A: [S, r, in] and B: [S, out, r]
+    (S slots, ranks zero-padded to the largest r, the adapter's scaling folded into B);
+  * slot 0 is all zeros: "no adapter", so base-model requests share the batch;
+  * each forward gathers one (A, B) per row by the rows' slot ids and does two batched matmuls,
+    so the cost does not grow with the number of distinct adapters in the batch.
+Adapters are loaded from the tenant's registry on first use and evicted least-recently-used
+(pinned ones stay). A scheduler thread gathers concurrent requests (up to `max_batch`, waiting at
+most `max_wait_ms`) and generates them step by step with a KV cache, left padding, per-row position
+ids, per-request sampling and stop strings, streaming text deltas through a callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft.utils.other import get_pattern_key
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file
+from torch import nn
+from transformers import DynamicCache
+
+from cltune.data import left_pad
+from cltune.errors import CLTuneError, ConflictError, NotFoundError
+from cltune.models import LoadedModel
+from cltune.registry import AdapterRecord, Registry
+
+log = logging.getLogger("cltune.engine")
+
+FinishReason = Literal["stop", "length"]
+
+
+class EngineParams(BaseModel):
+    max_adapters: int = Field(8, ge=1, le=4096)  # resident adapters (slots); LRU eviction beyond
+    max_batch: int = Field(16, ge=1, le=1024)  # requests generated together
+    max_wait_ms: float = Field(5.0, ge=0.0, le=60_000.0)  # how long a batch waits to fill up
+    max_tokens_limit: int = Field(2048, ge=1, le=1_000_000)  # largest max_tokens a request may ask for
+    max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)  # longer prompts keep their last tokens
+
+
+class SamplingParams(BaseModel):
+    max_tokens: int = Field(16, ge=1)  # upper bound checked against EngineParams.max_tokens_limit
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus sampling mass
+    stop: list[str] = Field(default_factory=list, max_length=4)  # generation ends before any of these
+    seed: int | None = None  # per-request generator: same seed, same sample
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks: fixed output lengths)
+
+
+class EngineError(CLTuneError):
+    """A request could not be served (e.g. more pinned adapters than slots)."""
+
+    kind = "engine_error"
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """One adapter version of one tenant: what a slot holds."""
+
+    tenant: str
+    name: str
+    version: int
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    adapter: AdapterKey | None  # None: the base model
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str  # "name@version" or "base"
+
+
+# ---------------------------------------------------------------- the gathered LoRA layer
+
+
+class _BatchRows:
+    """Per-forward routing shared by every GatheredLoRALinear: the slot id of each batch row."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None  # [B] long; None: every row is the base model
+        self.version = 0  # bumped when `slots` changes: layers re-gather their per-row weights
+
+    def set(self, slots: torch.Tensor | None) -> None:
+        self.slots = slots
+        self.version += 1
+
+
+class GatheredLoRALinear(nn.Module):
+    """base(x) + per-row LoRA: y[b] = x[b] A[s_b]^T B[s_b]^T, with s_b the row's slot."""
+
+    def __init__(self, base: nn.Linear, rows: _BatchRows, n_slots: int) -> None:
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        w = base.weight
+        self.A: torch.Tensor
+        self.B: torch.Tensor
+        self.register_buffer("A", torch.zeros(n_slots, 1, base.in_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("B", torch.zeros(n_slots, base.out_features, 1, dtype=w.dtype, device=w.device))
+        # The rows' slots stay fixed for a whole generation (until a row finishes), so the gathered
+        # weights are made once per batch composition, not once per decode step.
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (rows.version, a, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, in]
+        y = self.base(x)  # [B, T, out]
+        s = self.rows.slots
+        if s is None:
+            return y
+        if self._gathered is None or self._gathered[0] != self.rows.version:
+            a = self.A.index_select(0, s).transpose(1, 2).contiguous()  # [B, in, r]
+            b = self.B.index_select(0, s).transpose(1, 2).contiguous()  # [B, r, out]
+            self._gathered = (self.rows.version, a, b)
+        _, a, b = self._gathered
+        return torch.baddbmm(y, torch.bmm(x, a), b)  # y + (x a) b: [B, T, r] then [B, T, out]
+
+    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Write one adapter's A [r, in] and scaled B [out, r] into `slot` (None: zeros)."""
+        r = 0 if a is None else a.shape[0]
+        if r > self.A.shape[1]:  # grow the padded rank; zero padding adds exact zeros
+            pad = r - self.A.shape[1]
+            self.A = torch.cat([self.A, self.A.new_zeros(self.A.shape[0], pad, self.A.shape[2])], 1)
+            self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], self.B.shape[1], pad)], 2)
+        self._gathered = None
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        if a is not None and b is not None:
+            self.A[slot, :r] = a.to(self.A)
+            self.B[slot, :, :r] = b.to(self.B)
+
+
+def read_lora(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A peft-format LoRA directory -> {module name in the base model: (A [r, in], scaling * B [out, r])}.
+
+    Raises:
+        EngineError: a variant the gathered forward cannot serve (DoRA, embedding targets, modules_to_save).
+    """
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if cfg.get("use_dora"):
+        raise EngineError(f"adapter {path} uses DoRA, which cannot be served in mixed batches")
+    if cfg.get("modules_to_save"):
+        raise EngineError(f"adapter {path} has modules_to_save {cfg['modules_to_save']}: not servable here")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    alpha, alpha_pattern = float(cfg.get("lora_alpha", 8)), cfg.get("alpha_pattern") or {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            if ".lora_B." not in key:
+                raise EngineError(
+                    f"adapter {path} has tensor {key!r}: only Linear LoRA (lora_A/lora_B) is servable"
+                )
+            continue
+        module = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        r = a.shape[0]
+        al = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha))
+        scale = al / math.sqrt(r) if cfg.get("use_rslora") else al / r
+        if cfg.get("fan_in_fan_out"):
+            raise EngineError(f"adapter {path} uses fan_in_fan_out (Conv1D bases): not servable here")
+        out[module] = (a, b * scale)
+    return out
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    slot: int
+    gen: torch.Generator | None
+    on_delta: Callable[[str], None] | None
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already streamed
+    finish: FinishReason | None = None
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[int]], torch.Tensor]
+
+
+def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """Next token per row from logits [B, V]: argmax for temperature 0, else top-p sampling."""
+    greedy = logits.argmax(-1).tolist()
+    out = []
+    for i, row in enumerate(rows):
+        sp = row.req.sampling
+        if sp.temperature == 0.0:
+            out.append(greedy[i])
+            continue
+        probs = torch.softmax(logits[i].float().cpu() / sp.temperature, -1)  # [V]; CPU generator
+        if sp.top_p < 1.0:
+            p, idx = probs.sort(descending=True)
+            keep = p.cumsum(0) - p < sp.top_p  # smallest prefix whose mass reaches top_p (>= 1 token)
+            probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
+        out.append(int(torch.multinomial(probs, 1, generator=row.gen)))
+    return out
+
+
+def _advance(row: _Row, tok: int, tokenizer: Any, eos: set[int]) -> None:
+    """Append one token, update the text, apply EOS / stop strings / length, stream the safe part."""
+    sp = row.req.sampling
+    if tok in eos and not sp.ignore_eos:
+        row.finish = "stop"
+    else:
+        row.ids.append(tok)
+        row.text = tokenizer.decode(row.ids, skip_special_tokens=True)
+        hits = [i for i in (row.text.find(s) for s in sp.stop) if i >= 0]
+        if hits:
+            row.text, row.finish = row.text[: min(hits)], "stop"
+        elif len(row.ids) >= sp.max_tokens:
+            row.finish = "length"
+    if row.on_delta is None:
+        return
+    end = len(row.text)
+    if row.finish is None:  # hold back what could still become a stop string or a split character
+        end -= max((len(s) - 1 for s in sp.stop), default=0)
+        while end > row.sent and row.text[end - 1] == "\ufffd":
+            end -= 1
+    if end > row.sent:
+        row.on_delta(row.text[row.sent : end])
+        row.sent = end
+
+
+@torch.no_grad()
+def generate_rows(
+    forward: Forward, tokenizer: Any, rows: list[_Row], eos: set[int], device: torch.device
+) -> None:
+    """Run `rows` to completion together: prefill, then one token per step for every unfinished row.
+
+    forward(input_ids [b, t], attention_mask [b, T], position_ids [b, t], cache, active) -> logits [b, V],
+    where `active` lists the indices (into `rows`) of the b rows still in the batch.
+    """
+    ids, mask = left_pad([r.req.prompt_ids for r in rows], tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: left padding must not shift positions
+    cache = DynamicCache()
+    active = list(range(len(rows)))
+    logits = forward(ids, mask, pos, cache, active)
+    while True:
+        toks = _pick(logits, [rows[i] for i in active])
+        for i, t in zip(active, toks, strict=True):
+            _advance(rows[i], t, tokenizer, eos)
+        keep = [j for j, i in enumerate(active) if rows[i].finish is None]
+        if not keep:
+            return
+        if len(keep) < len(active):  # drop finished rows from the batch and the KV cache
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, pos = mask[sel], pos[sel]
+            toks = [toks[j] for j in keep]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)  # [b, T+1]
+        pos = pos[:, -1:] + 1  # [b, 1]
+        logits = forward(torch.tensor(toks, device=device)[:, None], mask, pos, cache, active)
+
+
+def _completion(row: _Row) -> Completion:
+    key = row.req.adapter
+    return Completion(
+        row.text,
+        row.ids,
+        row.finish or "length",
+        len(row.req.prompt_ids),
+        len(row.ids),
+        key.ref if key else "base",
+    )
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Pending:
+    req: GenRequest
+    future: Future[Completion]
+    on_delta: Callable[[str], None] | None
+
+
+class Engine:
+    """Base model + resident adapters + a batching scheduler. Thread-safe `submit`."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        registry_for: Callable[[str], Registry],
+        params: EngineParams | None = None,
+        forward_for: Callable[[list[AdapterKey | None]], Forward] | None = None,
+    ) -> None:
+        """Args:
+        loaded: the base model (its modules get wrapped in place; do not share it with peft).
+        registry_for: tenant id -> that tenant's Registry (adapters are read, never written).
+        forward_for: replaces the gathered LoRA forward: the batch rows' adapters -> a Forward (see
+            `generate_rows`). The benchmark passes peft's `adapter_names` path here; no slots are used.
+        """
+        self.loaded = loaded
+        self.model = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.registry_for = registry_for
+        self.params = params or EngineParams()
+        self.forward_for = forward_for
+        self._rows = _BatchRows()
+        self._layers: dict[str, GatheredLoRALinear] = {}
+        self._resident: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
+        self._pinned: set[AdapterKey] = set()
+        self._lock = threading.RLock()  # one batch (or one adapter load) at a time
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._held: list[_Pending] = []  # gathered but deferred (too many distinct adapters)
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.stats = {"loads": 0, "evictions": 0, "batches": 0, "requests": 0, "max_batch_seen": 0}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        self.eos = {self.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos.discard(None)
+
+    # -- adapters
+
+    def resolve(self, tenant: str, record: AdapterRecord) -> AdapterKey:
+        """The key of a registry record of `tenant`, after checking it was trained on this base model.
+
+        Raises:
+            ConflictError: the adapter belongs to another base model.
+        """
+        if record.base_fingerprint != self.loaded.fingerprint:
+            raise ConflictError(
+                f"adapter {record.ref} was trained on base {record.base_model!r} ({record.base_fingerprint}); "
+                f"this server runs {self.loaded.name!r} ({self.loaded.fingerprint})",
+                adapter=record.ref,
+            )
+        path = self.registry_for(tenant).path(record.name, record.version)
+        return AdapterKey(tenant, record.name, record.version, path)
+
+    def resident(self) -> list[AdapterKey]:
+        """Resident adapters, least recently used first."""
+        with self._lock:
+            return list(self._resident)
+
+    def pin(self, key: AdapterKey) -> None:
+        """Load `key` now and never evict it (until `unpin`)."""
+        with self._lock:
+            self._pinned.add(key)
+            self._slot_for(key, set())
+
+    def unpin(self, key: AdapterKey) -> None:
+        with self._lock:
+            self._pinned.discard(key)
+
+    def _slot_for(self, key: AdapterKey, in_use: set[int]) -> int:
+        if key in self._resident:
+            self._resident.move_to_end(key)
+            return self._resident[key]
+        used = set(self._resident.values())
+        free = [s for s in range(1, self.params.max_adapters + 1) if s not in used]
+        if not free:
+            victim = next(
+                (k for k, s in self._resident.items() if k not in self._pinned and s not in in_use), None
+            )
+            if victim is None:
+                raise EngineError(
+                    f"all {self.params.max_adapters} adapter slots are pinned or in use",
+                    max_adapters=self.params.max_adapters,
+                )
+            free = [self._resident.pop(victim)]
+            self.stats["evictions"] += 1
+            log.info("evict adapter %s/%s from slot %d", victim.tenant, victim.ref, free[0])
+        self._load(key, free[0])
+        self._resident[key] = free[0]
+        return free[0]
+
+    def _load(self, key: AdapterKey, slot: int) -> None:
+        try:
+            weights = read_lora(key.path)
+        except FileNotFoundError as e:  # deleted between routing and loading
+            raise NotFoundError(
+                f"adapter {key.ref} of tenant {key.tenant} is gone: {e}", adapter=key.ref
+            ) from e
+        except (OSError, ValueError, KeyError) as e:
+            raise EngineError(f"loading adapter {key.ref} failed: {e}", adapter=key.ref) from e
+        named = dict(self.model.named_modules())
+        for module in weights:
+            if module not in self._layers:
+                self._wrap(module, named.get(module))
+        for module, layer in self._layers.items():
+            a, b = weights.get(module, (None, None))
+            layer.set_slot(slot, a, b)
+        self.stats["loads"] += 1
+        log.info("load adapter %s/%s into slot %d (%d layers)", key.tenant, key.ref, slot, len(weights))
+
+    def _wrap(self, name: str, module: nn.Module | None) -> None:
+        if not isinstance(module, nn.Linear):
+            raise EngineError(f"adapter targets {name!r}, which is not a Linear layer of the base model")
+        parent_name, _, child = name.rpartition(".")
+        layer = GatheredLoRALinear(module, self._rows, self.params.max_adapters + 1)
+        setattr(self.model.get_submodule(parent_name), child, layer)
+        self._layers[name] = layer
+
+    # -- generation
+
+    def _forward(self, slots: list[int]) -> Forward:
+        all_slots = torch.tensor(slots, device=self.loaded.device)
+        rows_now: list[int | None] = [None]  # how many rows the current slots describe (rows only drop)
+
+        def forward(
+            ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, active: list[int]
+        ) -> torch.Tensor:
+            if rows_now[0] != len(active):
+                use = all_slots[active] if len(active) < len(slots) else all_slots
+                self._rows.set(use if any(slots[i] for i in active) else None)  # all base: skip LoRA matmuls
+                rows_now[0] = len(active)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1]  # [b, V]
+
+        return forward
+
+    def generate(
+        self,
+        requests: Sequence[GenRequest],
+        on_delta: Sequence[Callable[[str], None] | None] | None = None,
+    ) -> list[Completion]:
+        """Generate `requests` as one batch in the calling thread (mixed adapters allowed).
+
+        Raises:
+            EngineError: more distinct adapters than slots, or an adapter that cannot be served.
+        """
+        for r in requests:
+            self._check(r)
+        with self._lock:
+            slots: list[int] = []
+            in_use: set[int] = set()
+            for r in requests:
+                s = 0 if r.adapter is None or self.forward_for else self._slot_for(r.adapter, in_use)
+                in_use.add(s)
+                slots.append(s)
+            rows = [
+                _Row(r, s, _generator(r.sampling), (on_delta or [None] * len(requests))[i])
+                for i, (r, s) in enumerate(zip(requests, slots, strict=True))
+            ]
+            fwd = (
+                self.forward_for([r.adapter for r in requests]) if self.forward_for else self._forward(slots)
+            )
+            try:
+                generate_rows(fwd, self.tokenizer, rows, self.eos, self.loaded.device)
+            finally:
+                self._rows.set(None)  # the model is the plain base model again outside a batch
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(rows)
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
+        return [_completion(r) for r in rows]
+
+    def _check(self, r: GenRequest) -> None:
+        if r.sampling.max_tokens > self.params.max_tokens_limit:
+            raise EngineError(
+                f"max_tokens {r.sampling.max_tokens} is over this server's limit "
+                f"{self.params.max_tokens_limit}",
+                param="max_tokens",
+            )
+        if not r.prompt_ids:
+            raise EngineError("the prompt is empty", param="prompt")
+        r.prompt_ids = r.prompt_ids[-self.params.max_prompt_tokens :]
+
+    # -- scheduler
+
+    def submit(self, req: GenRequest, on_delta: Callable[[str], None] | None = None) -> Future[Completion]:
+        """Queue one request for the next batch. Thread-safe; `on_delta` runs on the engine thread."""
+        self._check(req)
+        fut: Future[Completion] = Future()
+        self._queue.put(_Pending(req, fut, on_delta))
+        self.start()
+        return fut
+
+    def start(self) -> None:
+        with self._start_lock:  # not self._lock: that one is held for a whole batch
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="cltune-engine", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler after the current batch; queued requests fail."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _gather(self) -> list[_Pending] | None:
+        """Block for a first request, then collect more until max_batch or max_wait_ms."""
+        batch, self._held = self._held, []
+        if not batch:
+            first = self._queue.get()
+            if first is None:
+                return None
+            batch = [first]
+        deadline = time.monotonic() + self.params.max_wait_ms / 1000
+        while len(batch) < self.params.max_batch:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(nxt)
+        # at most max_adapters distinct adapters per batch (minus pinned slots not in it); defer the rest
+        room = self.params.max_adapters - len(
+            [k for k in self._pinned if k not in {p.req.adapter for p in batch}]
+        )
+        seen: set[AdapterKey] = set()
+        keep = []
+        for p in batch:
+            k = p.req.adapter
+            if k is None or k in seen or len(seen) < max(room, 1):
+                if k is not None:
+                    seen.add(k)
+                keep.append(p)
+            else:
+                self._held.append(p)
+        return keep
+
+    def _load_all(self, batch: list[_Pending]) -> list[_Pending]:
+        """Make every adapter of the batch resident; a request whose adapter fails to load fails alone."""
+        ok, in_use = [], {0}
+        for p in batch:
+            try:
+                if p.req.adapter is not None and self.forward_for is None:
+                    in_use.add(self._slot_for(p.req.adapter, in_use))
+                ok.append(p)
+            except Exception as e:  # noqa: BLE001 - e.g. a deleted or unservable adapter
+                p.future.set_exception(e)
+        return ok
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                break
+            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            with self._lock:
+                batch = self._load_all(batch)
+                if not batch:
+                    continue
+                try:
+                    outs = self.generate([p.req for p in batch], [p.on_delta for p in batch])
+                except Exception as e:  # noqa: BLE001 - the requests get the error; the engine keeps serving
+                    log.exception("batch of %d failed", len(batch))
+                    for p in batch:
+                        p.future.set_exception(e)
+                    continue
+            for p, out in zip(batch, outs, strict=True):
+                p.future.set_result(out)
+        while not self._queue.empty():
+            left = self._queue.get_nowait()
+            if left is not None and left.future.set_running_or_notify_cancel():
+                left.future.set_exception(EngineError("the engine was closed"))
+
+
+def _generator(sp: SamplingParams) -> torch.Generator | None:
+    if sp.temperature == 0.0:
+        return None
+    seed = sp.seed if sp.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator().manual_seed(seed)
