@@ -30,7 +30,6 @@ from cltune.methods.common import (
     copy_adapter,
     ema_,
     load_adapter_state,
-    model_inputs,
     only_train,
     paired_lora_tensors,
     peft_lora_config,
@@ -67,6 +66,13 @@ def consistency_loss(
         target = torch.maximum(hf, hs.detach()).float()  # [B, T, H]; no gradient into the target
         total = total + ((hf.float() - target).pow(2) * m).sum()
     return total / denom.clamp(min=1.0)
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean next-token cross-entropy over answer tokens. logits [B, T, V], labels [B, T]."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def ema_decay_at(step: int, lam: float) -> float:
@@ -143,25 +149,28 @@ class ILora:
         return adapter_parameters(model, FAST)  # never the slow adapter: it moves only by EMA
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        out_c = causal_lm_loss(model, batch)
         if not self.replay:
+            out_c = causal_lm_loss(model, batch)
             self._remember(batch)
             return LossOutput(out_c.loss, {"ce": out_c.loss.item()})
         assert self._task is not None
-        rb = collate(
-            self.buffer.sample(batch["input_ids"].shape[0]), self._task.pad_id
-        )  # pads labels with -100
-        rb = {k: v.to(batch["input_ids"].device) for k, v in rb.items()}
-        out_r = model(**model_inputs(rb), output_hidden_states=True)
-        h_slow = self.slow_hidden_states(model, rb)
-        l_cons = consistency_loss(
-            list(out_r.hidden_states[1:]), h_slow, rb["attention_mask"]
-        )  # [0]: embeddings
-        total = (out_c.loss + out_r.loss) / 2 + self.params.gamma * l_cons
-        self._remember(batch)
-        return LossOutput(
-            total, {"ce": out_c.loss.item(), "ce_replay": out_r.loss.item(), "l_cons": l_cons.item()}
+        # One fast forward over [current; replay] (2B rows) instead of two: the same FLOPs in fewer,
+        # larger calls. Rows are right-padded, so padding never changes a real position's output.
+        n = batch["input_ids"].shape[0]
+        current = [self._task.train[i] for i in batch["index"].tolist()]
+        joint = collate(current + self.buffer.sample(n), self._task.pad_id)  # labels padded with -100
+        joint = {k: v.to(batch["input_ids"].device) for k, v in joint.items()}
+        out = model(
+            input_ids=joint["input_ids"], attention_mask=joint["attention_mask"], output_hidden_states=True
         )
+        ce_c = token_ce(out.logits[:n], joint["labels"][:n])
+        ce_r = token_ce(out.logits[n:], joint["labels"][n:])
+        replay = {"input_ids": joint["input_ids"][n:], "attention_mask": joint["attention_mask"][n:]}
+        h_fast = [h[n:] for h in out.hidden_states[1:]]  # [0] is the embedding output: skipped
+        l_cons = consistency_loss(h_fast, self.slow_hidden_states(model, replay), replay["attention_mask"])
+        total = (ce_c + ce_r) / 2 + self.params.gamma * l_cons
+        self._remember(batch)
+        return LossOutput(total, {"ce": ce_c.item(), "ce_replay": ce_r.item(), "l_cons": l_cons.item()})
 
     @torch.no_grad()
     def slow_hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -205,3 +205,23 @@ def test_serve_option_picks_the_registered_adapter():
     assert ILora(ILoraParams(serve="fast")).serve_adapter == FAST
     with pytest.raises(ValueError):
         ILoraParams(ema_decay=1.0)
+
+
+def test_joint_forward_losses_equal_separate_forwards_of_current_and_replay(tiny):
+    model, state = _after_first_task(tiny)
+    m = ILora()
+    t1 = _task(tiny, TASK_B, index=1)
+    model = m.prepare(model, t1, state)
+    model.eval()  # no dropout: both ways must agree to float precision
+    current = collate(t1.train[:4], t1.pad_id)
+    rng_state = m.buffer._rng.getstate()
+    replay = collate(m.buffer.sample(4), t1.pad_id)
+    m.buffer._rng.setstate(rng_state)  # loss() draws the same replay batch
+    out = m.loss(model, current)
+    with torch.no_grad():
+        ce_c = model(**{k: current[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+        ce_r = model(**{k: replay[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    assert out.parts["ce"] == pytest.approx(ce_c.item(), rel=1e-5)
+    assert out.parts["ce_replay"] == pytest.approx(ce_r.item(), rel=1e-5)
+    expected = (ce_c + ce_r) / 2 + m.params.gamma * out.parts["l_cons"]
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-5)
