@@ -15,7 +15,6 @@ Registry versions are published with `artifacts.publish`: files, then record.jso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cltune.artifacts import MARKER, ArtifactStore, delete_prefix, fetch_published, join, publish
+from cltune.data import file_sha256
 from cltune.errors import ConflictError, NotFoundError
 
 MANIFEST = "manifest.json"
@@ -32,14 +32,6 @@ RECORD = MARKER  # = cltune.registry.RECORD (not imported: that module loads tor
 LOCAL_STATE = ".sync.json"  # in the run dir: the snapshot id this copy last pushed or pulled
 SKIP_NAMES = ("crash.log", LOCAL_STATE)  # per-host files: a faulthandler log, our own bookkeeping
 SKIP_SUFFIXES = (".tmp",)  # writes in flight (checkpoint.tmp/, progress.tmp)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(directory: Path) -> dict[str, Path]:
@@ -83,7 +75,7 @@ class RunSync:
             if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
                 hashes[rel] = seen[2]  # unchanged since we hashed it: skip reading a GB checkpoint
             else:
-                hashes[rel] = _sha256(p)
+                hashes[rel] = file_sha256(p)
                 self._stat[rel] = (st.st_size, st.st_mtime_ns, hashes[rel])
         old = self._manifest if self._manifest is not None else self.remote_manifest()
         if old is not None and old.get("files") == hashes:
@@ -119,7 +111,7 @@ class RunSync:
                 p.unlink()  # e.g. a checkpoint of an older attempt on this host
         for rel, sha in wanted.items():
             dest = self.dir / rel
-            if not (dest.is_file() and _sha256(dest) == sha):
+            if not (dest.is_file() and file_sha256(dest) == sha):
                 self.store.get_file(join(self.prefix, "blobs", sha), dest)
         for d in sorted((p for p in self.dir.rglob("*") if p.is_dir()), reverse=True):
             if not any(d.iterdir()):

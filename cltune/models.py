@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from cltune.config import ModelConfig
+from cltune.data import file_sha256
 from cltune.errors import ConfigError, MissingDependencyError, NotFoundError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -154,14 +155,6 @@ def _smollm2_gguf() -> Path:
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _smollm2_sha(cache: Path) -> str:
     gguf = _smollm2_gguf()
     stamp = cache / "smollm2-135m.sha256.json"  # hashing 98 MB costs ~0.3 s: key it on size + mtime
@@ -171,7 +164,7 @@ def _smollm2_sha(cache: Path) -> str:
         saved = json.loads(stamp.read_text())
         if saved.get("key") == key:
             return str(saved["fingerprint"])
-    fp = "gguf-sha256:" + _sha256(gguf)
+    fp = "gguf-sha256:" + file_sha256(gguf)
     cache.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"key": key, "fingerprint": fp}))
     return fp
