@@ -176,12 +176,11 @@ def cl_metrics(R: list[list[float]], bwt_normalizer: str = "T-1") -> dict[str, A
 
 
 def format_matrix(R: list[list[float]], tasks: list[str]) -> str:
-    width = max(8, *(len(t) for t in tasks))
-    head = "after".ljust(12) + "".join(t.rjust(width + 2) for t in tasks)
-    lines = [head]
+    width = max(8, *(len(t) for t in tasks)) + 2
+    lines = ["after".ljust(width) + "".join(t.rjust(width) for t in tasks)]
     for t, row in enumerate(R):
         label = "base" if t == 0 else tasks[t - 1]
-        lines.append(label[:12].ljust(12) + "".join(f"{v:.3f}".rjust(width + 2) for v in row))
+        lines.append(label.ljust(width) + "".join(f"{v:.3f}".rjust(width) for v in row))
     return "\n".join(lines)
 
 
