@@ -78,7 +78,7 @@ SCORERS: dict[str, Callable[[str, str], float]] = {
 
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
     *,
@@ -134,7 +134,7 @@ def score_task(
     preds = generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter
     )
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"prompt": ex.instruction, "reference": ex.answer, "prediction": p, "score": fn(p, ex.answer)}
         for ex, p in zip(examples, preds, strict=True)
     ]

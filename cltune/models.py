@@ -96,6 +96,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path | None = None) -> LoadedM
                     }
                 ],
             )
+        model: Any
         model, tok, fp = build_tiny_llama(cfg.seed)
         model = model.to(device=device, dtype=dtype)
     else:

@@ -251,7 +251,7 @@ def train_task(
         elapsed = time.perf_counter() - t_start
         if done % cfg.log_every == 0 or done == total:
             eta = elapsed / (done - start) * (total - done)
-            lr = sched.get_last_lr()[0]
+            lr = float(sched.get_last_lr()[0])
             result.history.append({"step": done, "loss": loss_sum, **parts_sum})
             cb.on_progress(
                 Progress(task.name, task.index, done, total, loss_sum, parts_sum, lr, tokens / dt, eta)

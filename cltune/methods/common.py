@@ -33,7 +33,7 @@ def peft_lora_config(cfg: LoraConfig, **overrides: Any) -> peft.LoraConfig:
     return peft.LoraConfig(**kwargs)
 
 
-def attach_adapter(model: nn.Module, name: str, config: peft.LoraConfig) -> PeftModel:
+def attach_adapter(model: nn.Module, name: str, config: peft.PeftConfig) -> PeftModel:
     """Add adapter `name` (wrapping the base model on first use); keep it if it already exists."""
     if not isinstance(model, PeftModel):
         return get_peft_model(model, config, adapter_name=name)
@@ -59,7 +59,7 @@ def paired_lora_tensors(model: nn.Module, src: str, dst: str) -> list[tuple[torc
 
     Walks each LoraLayer's own dicts, so names never need to match (the I-LoRA reference bug).
     """
-    pairs = []
+    pairs: list[Any] = []
     for module in model.modules():
         if isinstance(module, LoraLayer) and src in module.lora_A and dst in module.lora_A:
             pairs.append((module.lora_A[src].weight, module.lora_A[dst].weight))
@@ -88,7 +88,7 @@ def adapter_state(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: PeftModel, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(model, tensors, adapter_name=adapter)
+    result: Any = set_peft_model_state_dict(model, tensors, adapter_name=adapter)
     bad = [k for k in result.unexpected_keys if "lora_" in k]
     if bad:
         raise ValueError(f"adapter {adapter!r}: unexpected tensors {bad[:3]}")
@@ -114,7 +114,7 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def preserved_training_state(model: nn.Module) -> Iterator[None]:
+def preserved_training_state(model: Any) -> Iterator[None]:
     """Restore requires_grad flags, the active adapter and train/eval mode afterwards
     (evaluation in the middle of training calls set_adapter, which changes all three)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -210,7 +210,7 @@ class Npo:
         }
 
     @torch.no_grad()
-    def _ref_logits(self, model: nn.Module, rb: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _ref_logits(self, model: Any, rb: dict[str, torch.Tensor]) -> torch.Tensor:
         """pi_ref logits [B, T, V]: base (adapters disabled) or the frozen starting-adapter copy.
 
         Both toggles change requires_grad / the active adapter (peft), so flags are restored after.
@@ -232,7 +232,7 @@ class Npo:
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
 
-    def after_task(self, model: nn.Module, task: TaskContext) -> MethodState:
+    def after_task(self, model: Any, task: TaskContext) -> MethodState:
         after = dataset_nll(model, task.train, task.pad_id, task.device, task.train_cfg.batch_size)
         if REF_ADAPTER in getattr(model, "peft_config", {}):
             model.delete_adapter(REF_ADAPTER)  # only needed during training; never served
