@@ -178,7 +178,9 @@ class ILora:
         with preserved_training_state(model):  # set_adapter flips requires_grad; this puts it back
             assert isinstance(model, PeftModel)
             model.set_adapter(SLOW)
-            out = model(
+            # the decoder alone: hidden states need no lm_head (about a fifth of SmolLM2's forward)
+            decoder = model.get_base_model().get_decoder()
+            out = decoder(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 output_hidden_states=True,
