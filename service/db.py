@@ -159,6 +159,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     take the write lock at BEGIN when opened through `writer(engine)` (so claims are atomic)."""
     if not url.startswith("sqlite"):
         kwargs.setdefault("pool_pre_ping", True)
+        # FastAPI runs sync routes on up to 40 threads: enough connections that none waits for one
+        kwargs.setdefault("pool_size", 20)
+        kwargs.setdefault("max_overflow", 20)
         return create_engine(url, **kwargs)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
