@@ -179,7 +179,7 @@ class ILora:
             assert isinstance(model, PeftModel)
             model.set_adapter(SLOW)
             # the decoder alone: hidden states need no lm_head (about a fifth of SmolLM2's forward)
-            decoder = model.get_base_model().get_decoder()
+            decoder: Any = model.get_base_model().get_decoder()
             out = decoder(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
