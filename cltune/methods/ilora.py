@@ -173,14 +173,14 @@ class ILora:
         return LossOutput(total, {"ce": ce_c.item(), "ce_replay": ce_r.item(), "l_cons": l_cons.item()})
 
     @torch.no_grad()
-    def slow_hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def slow_hidden_states(self, model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Hidden states of the slow adapter, layers 1..L, each [B, T, H]; flags and mode restored."""
         with preserved_training_state(model):  # set_adapter flips requires_grad; this puts it back
             assert isinstance(model, PeftModel)
             model.set_adapter(SLOW)
             # the decoder alone: hidden states need no lm_head (about a fifth of SmolLM2's forward)
-            decoder: Any = model.get_base_model().get_decoder()
-            out = decoder(
+            base: Any = model.get_base_model()  # a transformers model: get_decoder() skips the lm_head
+            out = base.get_decoder()(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 output_hidden_states=True,
