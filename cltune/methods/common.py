@@ -14,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from cltune.config import LoraConfig
+from cltune.methods.base import LossOutput
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -101,6 +102,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
     """Forward with labels: token-mean cross-entropy over answer tokens (labels != -100)."""
     return model(**model_inputs(batch), **kwargs)
+
+
+def ce_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    """The plain fine-tuning objective: answer-token cross-entropy, logged as "ce"."""
+    out = causal_lm_loss(model, batch)
+    return LossOutput(out.loss, {"ce": out.loss.item()})
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from cltune.methods.common import (
     adapter_parameters,
     adapter_state,
     attach_adapter,
-    causal_lm_loss,
+    ce_loss,
     load_adapter_state,
     only_train,
     paired_lora_tensors,
@@ -162,8 +162,7 @@ class Dema:
         return adapter_parameters(model, self.serve_adapter)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        out = causal_lm_loss(model, batch)
-        return LossOutput(out.loss, {"ce": out.loss.item()})
+        return ce_loss(model, batch)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         if not self.dema_on or not self._named:

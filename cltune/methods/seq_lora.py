@@ -12,7 +12,7 @@ from cltune.methods.base import LossOutput, MethodState, TaskContext
 from cltune.methods.common import (
     adapter_parameters,
     attach_adapter,
-    causal_lm_loss,
+    ce_loss,
     only_train,
     peft_lora_config,
 )
@@ -40,8 +40,7 @@ class SeqLora:
         return adapter_parameters(model, self.serve_adapter)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        out = causal_lm_loss(model, batch)
-        return LossOutput(out.loss, {"ce": out.loss.item()})
+        return ce_loss(model, batch)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
