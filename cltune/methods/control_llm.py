@@ -41,6 +41,8 @@ from cltune.methods.common import (
 )
 
 ADAPTER = "control"
+# the decoder layer's KV-cache argument: `cache` since transformers 5.24, `past_key_values` before
+CACHE_KWARGS = ("cache", "past_key_values")
 APPROXIMATION = (
     "merge-back: the served LoRA is the trained one with lora_B scaled by w per expanded layer; "
     "exact to first order in the adapter delta, not exactly equal to the two-pass interpolation"
@@ -138,8 +140,9 @@ class InterpolatedForward:
         if not self.active():
             return self.inner(hidden_states, *args, **kwargs)
         frozen_kwargs = dict(kwargs)
-        if kwargs.get("past_key_values") is not None:
-            frozen_kwargs["past_key_values"] = self.frozen_cache(kwargs["past_key_values"])
+        for key in CACHE_KWARGS:  # the frozen pass must never write into the main KV cache
+            if kwargs.get(key) is not None:
+                frozen_kwargs[key] = self.frozen_cache(kwargs[key])
         for m in self.loras:  # not enable_adapters(): that flips requires_grad
             m._disable_adapters = True
         try:
