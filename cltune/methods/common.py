@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import peft
@@ -15,8 +16,6 @@ from torch import nn
 
 from cltune.config import LoraConfig
 from cltune.methods.base import LossOutput
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
 def peft_lora_config(cfg: LoraConfig, **overrides: Any) -> peft.LoraConfig:
@@ -70,9 +69,15 @@ def paired_lora_tensors(model: nn.Module, src: str, dst: str) -> list[tuple[torc
 
 @torch.no_grad()
 def ema_(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
-    """dst <- decay * dst + (1 - decay) * src, for each (src, dst) pair."""
+    """dst <- decay * dst + (1 - decay) * src, for each (src, dst) pair (one fused call per dtype)."""
+    if not pairs:
+        return
+    srcs, dsts = zip(*pairs, strict=True)
+    if all(s.dtype == d.dtype for s, d in pairs):
+        torch._foreach_lerp_(list(dsts), list(srcs), 1.0 - decay)  # dst + (1 - decay) (src - dst)
+        return
     for src, dst in pairs:
-        dst.mul_(decay).add_(src.to(dst.dtype), alpha=1.0 - decay)
+        dst.lerp_(src.to(dst.dtype), 1.0 - decay)
 
 
 @torch.no_grad()
@@ -95,29 +100,79 @@ def load_adapter_state(model: PeftModel, adapter: str, tensors: dict[str, torch.
         raise ValueError(f"adapter {adapter!r}: unexpected tensors {bad[:3]}")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+@dataclass
+class AnswerLogits:
+    """Logits at the answer positions only: position t of row b predicts labels[b, t + 1] != -100."""
+
+    logits: torch.Tensor  # [N, V] model dtype, N = answer tokens in the batch
+    targets: torch.Tensor  # [N] token ids
+    rows: torch.Tensor  # [N] the row (sequence) of each answer token
+    batch_size: int  # B
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embedding output + one [B, T, H] per layer
+
+    def token_logp(self) -> torch.Tensor:
+        """log pi(target) per answer token, fp32. Returns [N]."""
+        logp = torch.log_softmax(self.logits.float(), dim=-1)
+        return logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+
+    def ce(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Token-mean cross-entropy over the answer tokens, or over those `where` [N] (bool) selects;
+        0 (with a graph) when there are none."""
+        logits, targets = self.logits, self.targets
+        if where is not None:
+            logits, targets = logits[where], targets[where]
+        if not len(targets):
+            return self.logits.sum() * 0.0
+        return nn.functional.cross_entropy(logits.float(), targets)
+
+    def sequence_nll(self) -> torch.Tensor:
+        """-log pi(answer | prompt) summed over each row's answer tokens, fp32. Returns [B]."""
+        nll = -self.token_logp()
+        return nll.new_zeros(self.batch_size).index_add(0, self.rows, nll)
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
-    """Forward with labels: token-mean cross-entropy over answer tokens (labels != -100)."""
-    return model(**model_inputs(batch), **kwargs)
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, lm_head) of a causal LM whose logits are exactly lm_head(decoder(x)); else None."""
+    root: Any = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = getattr(root, "config", None)
+    if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None  # logits are post-processed after the head: take the model's own forward
+    get_decoder, get_head = getattr(root, "get_decoder", None), getattr(root, "get_output_embeddings", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    head = get_head() if callable(get_head) else None
+    return (decoder, head) if decoder is not None and head is not None and decoder is not root else None
 
 
-def ce_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+def answer_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, hidden_states: bool = False, **kwargs: Any
+) -> AnswerLogits:
+    """Forward that applies the lm_head only where a label is predicted.
+
+    Prompt and padding positions never need logits; skipping them saves the head's matmul (a fifth of
+    SmolLM2's forward: 49k vocab x 576) and the [B, T, V] fp32 log-softmax in forward and backward.
+    Exactly the model's own logits at those positions (models that post-process logits use the full path).
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    answer = labels[:, 1:] != -100  # [B, T-1]: position t predicts token t + 1
+    rows = answer.nonzero()[:, 0]  # [N]
+    targets = labels[:, 1:][answer]  # [N]
+    parts = _decoder_and_head(model)
+    extra = {"output_hidden_states": True} if hidden_states else {}
+    if parts is None:
+        out = model(input_ids=ids, attention_mask=mask, **extra, **kwargs)
+        logits = out.logits[:, :-1][answer]
+    else:
+        decoder, head = parts
+        out = decoder(input_ids=ids, attention_mask=mask, **extra, **kwargs)
+        logits = head(out.last_hidden_state[:, :-1][answer])  # [N, V]
+    hs = tuple(out.hidden_states) if hidden_states else None
+    return AnswerLogits(logits, targets, rows, ids.shape[0], hs)
+
+
+def ce_loss(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> LossOutput:
     """The plain fine-tuning objective: answer-token cross-entropy, logged as "ce"."""
-    out = causal_lm_loss(model, batch)
-    return LossOutput(out.loss, {"ce": out.loss.item()})
-
-
-def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """NLL summed over answer tokens per sequence. logits [B, T, V], labels [B, T] -> [B]."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    logp = torch.log_softmax(shift_logits, dim=-1)
-    tok = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return -(tok * mask).sum(dim=1)
+    ce = answer_logits(model, batch, **kwargs).ce()
+    return LossOutput(ce, {"ce": ce.item()})
 
 
 @contextmanager

@@ -33,8 +33,8 @@ from cltune.methods.base import LossOutput, MethodState, TaskContext
 from cltune.methods.common import (
     adapter_parameters,
     adapter_state,
+    answer_logits,
     attach_adapter,
-    causal_lm_loss,
     load_adapter_state,
     only_train,
     peft_lora_config,
@@ -302,12 +302,12 @@ class ControlLlm:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         self._records = []
         try:
-            out = causal_lm_loss(model, batch, use_cache=False)  # no KV cache (nor shadow cache) in training
+            ce = answer_logits(model, batch, use_cache=False).ce()  # no KV cache (nor shadow) in training
         finally:
             records, self._records = self._records, None
-        mask = batch["attention_mask"].to(out.loss.dtype)  # [B, T]; 1 on real tokens
+        mask = batch["attention_mask"].to(ce.dtype)  # [B, T]; 1 on real tokens
         n_tokens = mask.sum().clamp(min=1)
-        div = out.loss.new_zeros(())
+        div = ce.new_zeros(())
         for k, diff, w in records:
             per_token = diff.float().pow(2).mean(dim=-1)  # [B, T]
             div = div + (per_token * mask).sum() / n_tokens
@@ -316,8 +316,8 @@ class ControlLlm:
                 self.w_sum[k] += float((w.detach().float().squeeze(-1) * mask).sum() / n_tokens)
                 self.w_count[k] += 1
         div = div / max(1, len(self.layers))
-        total = out.loss + self.params.divergence_weight * div
-        return LossOutput(total, {"ce": out.loss.item(), "divergence": div.item()})
+        total = ce + self.params.divergence_weight * div
+        return LossOutput(total, {"ce": ce.item(), "divergence": div.item()})
 
     def after_step(self, model: nn.Module, step: int) -> None:
         pass

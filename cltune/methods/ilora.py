@@ -25,8 +25,9 @@ from cltune.methods.base import LossOutput, MethodState, TaskContext
 from cltune.methods.common import (
     adapter_parameters,
     adapter_state,
+    answer_logits,
     attach_adapter,
-    causal_lm_loss,
+    ce_loss,
     copy_adapter,
     ema_,
     load_adapter_state,
@@ -66,13 +67,6 @@ def consistency_loss(
         target = torch.maximum(hf, hs.detach()).float()  # [B, T, H]; no gradient into the target
         total = total + ((hf.float() - target).pow(2) * m).sum()
     return total / denom.clamp(min=1.0)
-
-
-def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean next-token cross-entropy over answer tokens. logits [B, T, V], labels [B, T]."""
-    return nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
 
 
 def ema_decay_at(step: int, lam: float) -> float:
@@ -121,6 +115,7 @@ class ILora:
         self.global_step = 0  # optimizer steps over all tasks (drives lam_t)
         self.replay = False  # the buffer held earlier tasks' examples when this task started
         self._task: TaskContext | None = None
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (fast, slow) per lora_A / lora_B
 
     # ------------------------------------------------------------ task lifecycle
 
@@ -135,6 +130,7 @@ class ILora:
             copy_adapter(model, FAST, SLOW)
         model.set_adapter(FAST)
         only_train(model, self.trainable_parameters(model))
+        self._pairs = paired_lora_tensors(model, FAST, SLOW)  # walked once, not per step
         self._task = task
         self.replay = len(self.buffer) > 0
         task.emit(
@@ -150,9 +146,8 @@ class ILora:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         if not self.replay:
-            out_c = causal_lm_loss(model, batch)
             self._remember(batch)
-            return LossOutput(out_c.loss, {"ce": out_c.loss.item()})
+            return ce_loss(model, batch)
         assert self._task is not None
         # One fast forward over [current; replay] (2B rows) instead of two: the same FLOPs in fewer,
         # larger calls. Rows are right-padded, so padding never changes a real position's output.
@@ -160,11 +155,10 @@ class ILora:
         current = [self._task.train[i] for i in batch["index"].tolist()]
         joint = collate(current + self.buffer.sample(n), self._task.pad_id)  # labels padded with -100
         joint = {k: v.to(batch["input_ids"].device) for k, v in joint.items()}
-        out = model(
-            input_ids=joint["input_ids"], attention_mask=joint["attention_mask"], output_hidden_states=True
-        )
-        ce_c = token_ce(out.logits[:n], joint["labels"][:n])
-        ce_r = token_ce(out.logits[n:], joint["labels"][n:])
+        out = answer_logits(model, joint, hidden_states=True)  # the lm_head runs on answer tokens only
+        assert out.hidden_states is not None
+        current_rows = out.rows < n  # [N] answer tokens of the current batch
+        ce_c, ce_r = out.ce(current_rows), out.ce(~current_rows)
         replay = {"input_ids": joint["input_ids"][n:], "attention_mask": joint["attention_mask"][n:]}
         h_fast = [h[n:] for h in out.hidden_states[1:]]  # [0] is the embedding output: skipped
         l_cons = consistency_loss(h_fast, self.slow_hidden_states(model, replay), replay["attention_mask"])
@@ -174,10 +168,15 @@ class ILora:
 
     @torch.no_grad()
     def slow_hidden_states(self, model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Hidden states of the slow adapter, layers 1..L, each [B, T, H]; flags and mode restored."""
+        """Hidden states of the slow adapter, layers 1..L, each [B, T, H]; flags and mode restored.
+
+        Eval mode: the slow learner is a regression target, so it runs without dropout noise (as NPO's
+        reference does), which also skips a dropout mask per LoRA layer.
+        """
         with preserved_training_state(model):  # set_adapter flips requires_grad; this puts it back
             assert isinstance(model, PeftModel)
             model.set_adapter(SLOW)
+            model.eval()
             # the decoder alone: hidden states need no lm_head (about a fifth of SmolLM2's forward)
             base: Any = model.get_base_model()  # a transformers model: get_decoder() skips the lm_head
             out = base.get_decoder()(
@@ -189,7 +188,7 @@ class ILora:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         self.global_step += 1
-        ema_(paired_lora_tensors(model, FAST, SLOW), ema_decay_at(self.global_step, self.params.ema_decay))
+        ema_(self._pairs, ema_decay_at(self.global_step, self.params.ema_decay))
 
     def after_task(self, model: nn.Module, task: TaskContext) -> MethodState:
         assert isinstance(model, PeftModel)

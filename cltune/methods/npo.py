@@ -34,12 +34,12 @@ from cltune.errors import ConfigError
 from cltune.methods.base import LossOutput, MethodState, TaskContext
 from cltune.methods.common import (
     adapter_parameters,
+    answer_logits,
     attach_adapter,
     copy_adapter,
     only_train,
     peft_lora_config,
     preserved_training_state,
-    sequence_nll,
 )
 
 REF_ADAPTER = "npo_ref"  # frozen copy of the starting adapter (npo_kl when not starting from the base)
@@ -69,11 +69,10 @@ def npo_loss(nll: torch.Tensor, nll_ref: torch.Tensor, beta: float) -> torch.Ten
     return -(2.0 / beta) * F.logsigmoid(beta * (nll - nll_ref)).mean()
 
 
-def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """KL(pi_ref || pi_theta) per answer token, averaged. logits [B, T, V], labels [B, T] (-100 masked)."""
-    mask = labels[:, 1:] != -100  # [B, T-1]: positions that predict an answer token (prompt, padding out)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]  # [N, V]
-    ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)[mask]
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi_ref || pi_theta) per answer token, averaged. logits, ref_logits: [N, V] at answer positions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
     kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)  # [N]
     return kl.mean() if kl.numel() else logits.sum() * 0.0
 
@@ -97,11 +96,8 @@ def dataset_nll(
     with preserved_training_state(model):
         model.eval()
         for s in range(0, len(items), batch_size):
-            b = collate(items[s : s + batch_size], pad_id)
-            logits = model(
-                input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
-            ).logits
-            out.append(sequence_nll(logits, b["labels"].to(device)))
+            b = {k: v.to(device) for k, v in collate(items[s : s + batch_size], pad_id).items()}
+            out.append(answer_logits(model, b).sequence_nll())
     return torch.cat(out).float() if out else torch.empty(0, device=device)
 
 
@@ -175,8 +171,7 @@ class Npo:
         return adapter_parameters(model, self.serve_adapter)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll = sequence_nll(logits, batch["labels"])  # [B] summed over answer tokens, fp32
+        nll = answer_logits(model, batch).sequence_nll()  # [B] summed over answer tokens, fp32
         if self.uses_npo:
             ref = self._ref_nll.to(nll.device)[batch["index"]]  # [B]
             total = npo_loss(nll, ref, self.params.beta)
@@ -186,15 +181,11 @@ class Npo:
             total = -nll.sum() / n_tok  # -CE, token mean
             parts = {"neg_ce": total.item(), "nll_forget": nll.mean().item()}
         if self.retain_term is not None:
-            rb = self._retain_batch(len(nll), logits.device)
+            rb = self._retain_batch(len(nll), nll.device)
             if self.retain_term == "ce":
-                term = model(**rb).loss
+                term = answer_logits(model, rb).ce()
             else:
-                term = token_kl(
-                    model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits,
-                    self._ref_logits(model, rb),
-                    rb["labels"],
-                )
+                term = token_kl(answer_logits(model, rb).logits, self._ref_logits(model, rb))
             parts[f"{self.retain_term}_retain"] = term.item()
             total = total + self.params.retain_weight * term
         return LossOutput(total, parts)
@@ -211,19 +202,19 @@ class Npo:
 
     @torch.no_grad()
     def _ref_logits(self, model: Any, rb: dict[str, torch.Tensor]) -> torch.Tensor:
-        """pi_ref logits [B, T, V]: base (adapters disabled) or the frozen starting-adapter copy.
+        """pi_ref logits at the retain batch's answer positions [N, V]: base (adapters disabled) or the
+        frozen starting-adapter copy.
 
         Both toggles change requires_grad / the active adapter (peft), so flags are restored after.
         """
-        inputs = {"input_ids": rb["input_ids"], "attention_mask": rb["attention_mask"]}
         was_training = model.training
         model.eval()  # reference without dropout
         try:
             if self._from_base:
                 with model.disable_adapter():
-                    return model(**inputs).logits
+                    return answer_logits(model, rb).logits
             model.set_adapter(REF_ADAPTER)
-            return model(**inputs).logits
+            return answer_logits(model, rb).logits
         finally:
             model.set_adapter(self.serve_adapter)
             only_train(model, self._params)

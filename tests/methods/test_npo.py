@@ -14,7 +14,7 @@ from cltune.data import collate
 from cltune.errors import ConfigError
 from cltune.methods import build_method
 from cltune.methods.base import MethodState
-from cltune.methods.common import adapter_parameters, sequence_nll
+from cltune.methods.common import adapter_parameters
 from cltune.methods.npo import REF_ADAPTER, npo_loss, token_kl
 from cltune.methods.seq_lora import SeqLora
 from cltune.train import train_task
@@ -67,23 +67,26 @@ def test_npo_loss_sign_conventions_on_hand_made_numbers():
     assert -0.5 < nll.grad[1].item() < 0
 
 
-def test_token_kl_is_zero_for_equal_logits_and_ignores_masked_positions():
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Oracle from the model's full logits [B, T, V]: -log p(answer) summed per row. Returns [B]."""
+    mask = labels[:, 1:] != -100
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = logp.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return -(tok * mask).sum(dim=1)
+
+
+def test_token_kl_is_zero_for_equal_logits_and_the_mean_kl_per_answer_token_otherwise():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
-    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
-    assert token_kl(logits, logits.clone(), labels).item() == pytest.approx(0.0, abs=1e-7)
+    logits = torch.randn(4, 11)  # 4 answer positions
+    assert token_kl(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    assert token_kl(logits + 3.0, logits).item() == pytest.approx(0.0, abs=1e-6)  # a shift is no change
     other = logits.clone()
-    bump = torch.zeros(11)
-    bump[3] = 5.0  # changes the distribution (a constant shift would not)
-    other[0, 0] += bump  # predicts labels[0, 1] = -100 (prompt): masked
-    other[1, 3] += bump  # predicts labels[1, 4] = -100 (padding): masked
-    assert token_kl(other, logits, labels).item() == pytest.approx(0.0, abs=1e-7)
-    other[0, 2] += bump  # predicts answer token labels[0, 3] = 4: one of the 4 answer positions
-    kl = token_kl(other, logits, labels).item()
-    p = torch.softmax(logits[0, 2], -1)
-    expected = (p * (torch.log_softmax(logits[0, 2], -1) - torch.log_softmax(other[0, 2], -1))).sum() / 4
+    other[2, 3] += 5.0
+    p = torch.softmax(logits[2], -1)
+    expected = (p * (torch.log_softmax(logits[2], -1) - torch.log_softmax(other[2], -1))).sum() / 4
     assert expected > 0.01
-    assert kl == pytest.approx(expected.item(), rel=1e-5)
+    assert token_kl(other, logits).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert token_kl(logits[:0], logits[:0]).item() == 0.0  # no answer tokens: 0, not nan
 
 
 # ---------------------------------------------------------------- on the tiny model
@@ -146,7 +149,7 @@ def test_reference_nll_is_computed_once_in_prepare_not_per_step(tiny):
     ref0 = method._ref_nll.clone()
     assert ref0.shape == (len(TASK_A),)
     calls = []
-    hook = model.get_base_model().register_forward_hook(lambda *a: calls.append(1))
+    hook = model.get_base_model().get_decoder().register_forward_hook(lambda *a: calls.append(1))
     train_task(model, method, task, task.train_cfg)
     hook.remove()
     assert len(calls) == 3 * 2  # one forget + one retain forward per step; no reference model forward
@@ -192,6 +195,7 @@ def test_npo_kl_reference_is_the_starting_model_not_the_base(tiny, start):
     rb = {k: v for k, v in collate(task.retain[:4], task.pad_id).items() if k != "index"}
     with torch.no_grad():
         start_logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
+    start_logits = start_logits[:, :-1][rb["labels"][:, 1:] != -100]  # [N, V] at the answer positions
     assert (REF_ADAPTER in model.peft_config) == (start == "adapter")
     # KL is 0 at the start
     assert method.loss(model, forget_batch(tiny, task)).parts["kl_retain"] == pytest.approx(0.0, abs=1e-6)
@@ -204,6 +208,7 @@ def test_npo_kl_reference_is_the_starting_model_not_the_base(tiny, start):
     torch.testing.assert_close(ref, start_logits)
     with torch.no_grad():
         now = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
+    now = now[:, :-1][rb["labels"][:, 1:] != -100]
     assert (now - start_logits).abs().max() > 1e-3  # training moved the adapter; the reference did not
 
 
