@@ -11,6 +11,10 @@ the previous manifest in force, so a reader always gets one consistent snapshot 
 whose optimizer state belongs to another step than its adapters). Unchanged files are not re-sent.
 
 Registry versions are published with `artifacts.publish`: files, then record.json last (only-if-absent).
+Version numbers are allocated through the store: before a host writes `name@N` locally it claims it by
+creating `<prefix>/<name>/v<N>/claim.json` only-if-absent (S3 conditional PUT, a hard link locally), so
+two hosts registering the same adapter name at once get different numbers. A claim outlives a deleted
+version (a tombstone): numbers are never reused, though one may be skipped when a host claims and dies.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from cltune.errors import ConflictError, NotFoundError
 
 MANIFEST = "manifest.json"
 RECORD = MARKER  # = cltune.registry.RECORD (not imported: that module loads torch and peft)
+CLAIM = "claim.json"  # <prefix>/<name>/v<N>/claim.json: this version number is taken
 LOCAL_STATE = ".sync.json"  # in the run dir: the snapshot id this copy last pushed or pulled
 SKIP_NAMES = ("crash.log", LOCAL_STATE)  # per-host files: a faulthandler log, our own bookkeeping
 SKIP_SUFFIXES = (".tmp",)  # writes in flight (checkpoint.tmp/, progress.tmp)
@@ -160,6 +167,18 @@ def _local_versions(root: Path) -> dict[str, list[int]]:
     return out
 
 
+def claim_version(store: ArtifactStore, prefix: str, name: str, version: int, owner: str = "") -> bool:
+    """Take `name@version` for a new adapter version. False: another writer has it (or it was
+    published before claims existed), so the caller tries the next number."""
+    key = join(prefix, name, f"v{version}")
+    claim = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+    try:
+        store.put_bytes(join(key, CLAIM), json.dumps(claim).encode(), if_absent=True)
+    except ConflictError:
+        return False
+    return not store.exists(join(key, RECORD))  # a version published without a claim (older data)
+
+
 def push_registry(store: ArtifactStore, prefix: str, root: str | Path) -> list[str]:
     """Publish every local version the store lacks (files, then record.json, only-if-absent).
 
@@ -203,7 +222,7 @@ def pull_registry(store: ArtifactStore, prefix: str, root: str | Path, name: str
             (root / n).mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=root / n, prefix=".pull-"))
             try:
-                fetch_published(store, join(prefix, n, f"v{v}"), tmp, marker=RECORD)
+                fetch_published(store, join(prefix, n, f"v{v}"), tmp, marker=RECORD, skip=(CLAIM,))
                 try:
                     os.rename(tmp, root / n / f"v{v}")
                 except OSError:
@@ -215,9 +234,10 @@ def pull_registry(store: ArtifactStore, prefix: str, root: str | Path, name: str
 
 
 def delete_adapter(store: ArtifactStore, prefix: str, name: str, version: int | None = None) -> list[int]:
-    """Unpublish (record.json first) and remove one version, or all versions of `name`, from the store."""
+    """Unpublish (record.json first) and remove one version, or all versions of `name`, from the store.
+    The claim stays behind as a tombstone, so the number is never given to another adapter."""
     versions = remote_versions(store, prefix).get(name, [])
     gone = versions if version is None else [v for v in versions if v == version]
     for v in gone:
-        delete_prefix(store, join(prefix, name, f"v{v}"), marker=RECORD)
+        delete_prefix(store, join(prefix, name, f"v{v}"), marker=RECORD, keep=(CLAIM,))
     return gone

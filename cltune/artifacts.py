@@ -318,9 +318,13 @@ def get_dir(store: ArtifactStore, prefix: str, directory: Path) -> list[Path]:
     return out
 
 
-def delete_prefix(store: ArtifactStore, prefix: str, *, marker: str | None = None) -> int:
-    """Delete every key under `prefix`; when `marker` is given it goes first (unpublish, then remove)."""
-    keys = store.list(prefix)
+def delete_prefix(
+    store: ArtifactStore, prefix: str, *, marker: str | None = None, keep: tuple[str, ...] = ()
+) -> int:
+    """Delete every key under `prefix` but `keep` (names relative to it); when `marker` is given it
+    goes first (unpublish, then remove)."""
+    kept = {join(prefix, k) for k in keep}
+    keys = [k for k in store.list(prefix) if k not in kept]
     if marker is not None and join(prefix, marker) in keys:
         store.delete(join(prefix, marker))
         keys.remove(join(prefix, marker))
@@ -351,7 +355,9 @@ def is_published(store: ArtifactStore, prefix: str, marker: str = MARKER) -> boo
     return store.exists(join(prefix, marker))
 
 
-def fetch_published(store: ArtifactStore, prefix: str, directory: Path, *, marker: str = MARKER) -> None:
+def fetch_published(
+    store: ArtifactStore, prefix: str, directory: Path, *, marker: str = MARKER, skip: tuple[str, ...] = ()
+) -> None:
     """Download a published directory into `directory` (which must not exist yet); the marker is
     placed last, so a local reader that also looks for the marker never sees a partial copy.
 
@@ -363,6 +369,6 @@ def fetch_published(store: ArtifactStore, prefix: str, directory: Path, *, marke
     directory = Path(directory)
     for key in store.list(prefix):
         rel = key[len(prefix.strip("/")) + 1 :]
-        if rel != marker:
+        if rel != marker and rel not in skip:
             store.get_file(key, directory / rel)
     store.get_file(join(prefix, marker), directory / marker)

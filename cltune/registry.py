@@ -15,6 +15,7 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,16 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 
 class Registry:
-    def __init__(self, root: str | Path) -> None:
+    """Versioned adapters under `root`.
+
+    claim(name, version) -> bool: reserves a version number with whoever else can register adapters
+    of the same names (the shared artifact store: cltune.artifact_sync.claim_version); a number it
+    refuses is skipped. None: this directory is the only writer.
+    """
+
+    def __init__(self, root: str | Path, claim: Callable[[str, int], bool] | None = None) -> None:
         self.root = Path(root)
+        self.claim = claim
 
     # -- queries
 
@@ -152,8 +161,11 @@ class Registry:
         return int(f.read_text()) if f.exists() else 0
 
     def _publish(self, tmp: Path, name: str, record: dict[str, Any]) -> AdapterRecord:
+        version = 0
         for _ in range(1000):
-            version = max((self.versions_of(name) or [0])[-1], self._high_water(name)) + 1
+            version = max(version, (self.versions_of(name) or [0])[-1], self._high_water(name)) + 1
+            if self.claim is not None and not self.claim(name, version):
+                continue  # taken on another host: try the next number
             rec = AdapterRecord.model_validate({**record, "name": name, "version": version})
             (tmp / RECORD).write_text(rec.model_dump_json(indent=1))
             try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cltune.artifact_sync import RunSync, pull_registry, push_registry
+from cltune.artifact_sync import RunSync, claim_version, pull_registry, push_registry
 from cltune.artifacts import ArtifactStore, LocalStore, S3Store, join
 from cltune.config import check_name
 from cltune.errors import ConfigError, DataError, NotFoundError
@@ -103,6 +103,14 @@ class SharedArtifacts:
     @property
     def registry_root(self) -> Path:
         return self.data_dir / "adapters" / self.tenant_id
+
+    def registry(self, owner: str) -> Any:
+        """The tenant's local cltune Registry, numbering new versions through the store (claims), so
+        two hosts registering the same adapter name at once never publish the same name@version."""
+        from cltune.registry import Registry  # late: it loads torch and peft
+
+        prefix = adapters_prefix(self.tenant_id)
+        return Registry(self.registry_root, claim=lambda n, v: claim_version(self.store, prefix, n, v, owner))
 
     def restore(self, config: dict[str, Any]) -> dict[str, Any]:
         """Bring this host up to date for the job and return its config with local dataset paths:

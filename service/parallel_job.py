@@ -113,7 +113,9 @@ def rank_main(job: dict[str, Any], data: dict[str, Any], data_dir: str, messages
     run_sequence(
         cfg,
         rank_run_dir(run_dir_of(root, job["id"]), acc.process_index),
-        registry=Registry(root / "adapters" / job["tenant_id"]) if main else None,
+        registry=(shared.registry(job["id"]) if shared else Registry(root / "adapters" / job["tenant_id"]))
+        if main
+        else None,
         callbacks=job_callbacks(
             job, len(cfg.tasks), send, stop.is_set, shared, barrier=acc.wait_for_everyone
         ),

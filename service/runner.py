@@ -137,7 +137,11 @@ def run_training(
             res = run_sequence(
                 cfg,
                 run_dir_of(data_dir, job["id"]),
-                registry=Registry(data_dir / "adapters" / job["tenant_id"]),
+                registry=(
+                    shared.registry(job["id"])
+                    if shared is not None
+                    else Registry(data_dir / "adapters" / job["tenant_id"])
+                ),
                 callbacks=job_callbacks(job, len(cfg.tasks), send, should_stop, shared),
                 cache_dir=data_dir / "models",
                 created_by=job["id"],

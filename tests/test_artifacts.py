@@ -248,3 +248,77 @@ def test_two_hosts_registering_the_same_version_conflict(store: ArtifactStore, t
     with pytest.raises(ConflictError, match="x@1"):
         push_registry(store, "adapters/t", tmp_path / "b")
     assert json.loads(store.get_bytes("adapters/t/x/v1/record.json"))["created_by"] == "job_a"
+
+
+def _tiny_peft() -> Any:
+    from cltune.config import LoraConfig
+    from cltune.methods.common import attach_adapter, peft_lora_config
+    from cltune.models import build_tiny_llama
+
+    model, _, _ = build_tiny_llama(hidden=32, layers=1)
+    return attach_adapter(model, "default", peft_lora_config(LoraConfig(r=2)))
+
+
+def _claiming(store: ArtifactStore, root: Path, owner: str) -> Registry:
+    from cltune.artifact_sync import claim_version
+
+    return Registry(root, claim=lambda n, v: claim_version(store, "adapters/t", n, v, owner))
+
+
+RECORD_FIELDS = {"base_model": "tiny-llama", "base_fingerprint": "fp", "method": "seq_lora"}
+
+
+def test_hosts_registering_one_name_at_once_get_different_versions(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    import threading
+
+    model = _tiny_peft()
+    hosts = [_claiming(store, tmp_path / f"host{i}", f"job_{i}") for i in range(3)]
+    barrier = threading.Barrier(len(hosts))
+    got: dict[int, int] = {}
+
+    def register(i: int) -> None:
+        barrier.wait()  # every host allocates at the same moment, none has seen the others' versions
+        got[i] = hosts[i].save(model, "default", {"name": "x", **RECORD_FIELDS}).version
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(len(hosts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got.values()) == [1, 2, 3]
+    for h in hosts:  # no ConflictError: each host publishes the number it claimed
+        push_registry(store, "adapters/t", h.root)
+    assert remote_versions(store, "adapters/t") == {"x": [1, 2, 3]}
+    # a host that pulls them gets the adapters, not the claims
+    assert sorted(pull_registry(store, "adapters/t", tmp_path / "reader")) == ["x@1", "x@2", "x@3"]
+    assert not list((tmp_path / "reader").rglob("claim.json"))
+
+
+def test_a_deleted_version_number_is_never_given_out_again_on_any_host(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    from cltune.artifact_sync import delete_adapter
+
+    model = _tiny_peft()
+    a = _claiming(store, tmp_path / "a", "job_a")
+    assert a.save(model, "default", {"name": "x", **RECORD_FIELDS}).version == 1
+    assert a.save(model, "default", {"name": "x", **RECORD_FIELDS}).version == 2
+    push_registry(store, "adapters/t", a.root)
+    assert delete_adapter(store, "adapters/t", "x", 2) == [2]
+    b = _claiming(store, tmp_path / "b", "job_b")  # a fresh host that never saw v2
+    assert b.save(model, "default", {"name": "x", **RECORD_FIELDS}).version == 3
+    assert remote_versions(store, "adapters/t") == {"x": [1]}
+
+
+def test_a_version_published_before_claims_existed_is_not_claimed(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    from cltune.artifact_sync import claim_version
+
+    _fake_version(tmp_path / "old", "x", 1)
+    push_registry(store, "adapters/t", tmp_path / "old")  # no claim.json: written by an older cltune
+    assert claim_version(store, "adapters/t", "x", 1) is False
+    assert claim_version(store, "adapters/t", "x", 2) is True
+    assert claim_version(store, "adapters/t", "x", 2) is False
