@@ -124,6 +124,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: only when stopped
     eval_every: int = Field(0, ge=0)  # optimizer steps; 0: only at task end
     log_every: int = Field(1, ge=1)
+    # several devices (cltune worker --devices-per-job N): "none" keeps a full copy of the base model on
+    # each device; "fsdp" shards the frozen decoder layers across them (FSDP2), adapters stay replicated
+    sharding: Literal["none", "fsdp"] = "none"
 
 
 class EvalConfig(_Strict):

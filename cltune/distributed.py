@@ -9,8 +9,15 @@ own attributes, which a DistributedDataParallel wrapper would hide). Every rank 
 so rank 0 alone registers adapters and reports progress; each rank checkpoints into its own directory
 (rank 0: the run dir, rank r: <run dir>/rank<r>) and resumes from it.
 
-Limits: FSDP is not wired (LoRA adapters are small; the frozen base is replicated per device), and every
-rank also runs the evaluation (same numbers on each; it is not split).
+`train.sharding: fsdp` shards the frozen base too (`shard_frozen_layers`): every decoder layer becomes an
+FSDP2 unit (torch's `fully_shard`) whose frozen weights are split across the ranks and gathered for the
+layer's forward and backward only, so each device holds about 1/N of the decoder. Adapter tensors (and
+anything else that trains) are left out of the sharding (`ignored_params`): they stay whole on every
+rank, their gradients are averaged as above, and every method's hooks (EMA, DEMA's per-tensor norms,
+checkpoints, the registry) see ordinary tensors. Embeddings, the final norm and the lm_head stay
+replicated (a few percent of a large model), which keeps the answer-only lm_head of the training losses.
+Every rank also runs the evaluation (same numbers on each; it is not split) — in step, which sharded
+layers need, since each of their forwards is a collective.
 """
 
 from __future__ import annotations
@@ -89,6 +96,31 @@ def average_gradients(params: list[torch.nn.Parameter], acc: Any) -> None:
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def shard_frozen_layers(model: torch.nn.Module, acc: Any) -> int:
+    """Shard every decoder layer's frozen weights across the ranks (FSDP2); trainable tensors and all
+    LoRA tensors stay whole. Idempotent: layers sharded before are skipped. Returns how many it sharded.
+
+    Call it after the method's `prepare` (KappaTune's selection reads the full base weights first);
+    adapters attached later are never sharded (FSDP only manages the tensors it saw here).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from cltune.models import decoder_layers
+
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    keep_whole = {p for n, p in model.named_parameters() if p.requires_grad or "lora_" in n}
+    count = 0
+    for layer in decoder_layers(model):
+        if not isinstance(layer, FSDPModule):
+            # each layer is its own root (no wrapper around the whole model, so that the loss may call
+            # the decoder and the lm_head directly); a root keeps its weights gathered after forward
+            # unless told otherwise, which would undo the memory saving
+            fully_shard(layer, mesh=mesh, ignored_params=keep_whole, reshard_after_forward=True)
+            count += 1
+    return count
 
 
 def rank_run_dir(run_dir: str | Path, rank: int) -> Path:

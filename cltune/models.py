@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -250,3 +251,14 @@ def pretrain_tiny(
         opt.zero_grad(set_to_none=True)
     model.eval()
     model.requires_grad_(False)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of a causal LM (peft-wrapped or not)."""
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel (peft is not imported here)
+    root = get_base() if callable(get_base) else model
+    n = getattr(getattr(root, "config", None), "num_hidden_layers", None)
+    for name, module in root.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
+            return module
+    raise ConfigError(f"cannot find the {n} decoder layers of {type(root).__name__}", errors=[])

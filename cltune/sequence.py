@@ -167,9 +167,16 @@ def run_sequence(
             loaded.device,
             retain=retain,
             log=cb.log,
+            rank=accelerator.process_index if accelerator is not None else 0,
+            world=accelerator.num_processes if accelerator is not None else 1,
         )
         set_seed(cfg.train.seed + t)  # LoRA init in prepare and dropout: same config, same adapters
         model = method.prepare(model, ctx, state)
+        if accelerator is not None and cfg.train.sharding == "fsdp":
+            from cltune.distributed import shard_frozen_layers
+
+            if shard_frozen_layers(model, accelerator):
+                _log(cb, f"fsdp: frozen decoder layers sharded across {accelerator.num_processes} devices")
         task_dir = run_dir / "tasks" / f"{t:02d}-{task.name}"
         if t < progress["completed"]:  # finished before a restart: restore, don't retrain
             load_model_tensors(model, task_dir / "adapters.safetensors")

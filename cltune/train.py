@@ -226,8 +226,10 @@ def train_task(
         t0 = time.perf_counter()
         loss_sum, parts_sum, tokens = 0.0, dict[str, float](), 0
         for _ in range(cfg.grad_accum):
-            items = [task.train[i] for i in next(order)][rank::world]  # this rank's share of the batch
+            rows = next(order)
+            items = [task.train[i] for i in rows][rank::world]  # this rank's share of the batch
             batch = {k: v.to(task.device) for k, v in collate(items, task.pad_id).items()}
+            batch["global_index"] = torch.tensor(rows, dtype=torch.long)  # all ranks' rows (replay buffers)
             out = method.loss(model, batch)
             (out.total / cfg.grad_accum).backward()
             loss_sum += out.total.item() / cfg.grad_accum

@@ -72,3 +72,99 @@ def test_a_batch_that_does_not_split_across_devices_is_refused() -> None:
     check_world(8, 2)
     with pytest.raises(ConfigError, match="multiple of the 3 devices"):
         check_world(8, 3)
+
+
+def _two_tasks(tmp_path: Path, methods: tuple[str, str]) -> dict[str, object]:
+    cfg = _config(_data(tmp_path))
+    # the lengths of task a's rows (each rank's token mean is then its share of the global mean, also for
+    # replayed rows) and no word in common with them (DEMA opens a new group for it)
+    letters = "abcdefghijklmnopqrstuv"
+    words = [letters[i : i + 3] for i in range(20)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"mirror of {w}"},
+                {"role": "assistant", "content": w[1::-1]},
+            ]
+        }
+        for w in words
+    ]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg["tasks"] = [
+        {"name": "a", "train": str(tmp_path / "a.jsonl"), "max_eval": 2, "method": {"name": methods[0]}},
+        {"name": "b", "train": str(tmp_path / "b.jsonl"), "max_eval": 2, "method": {"name": methods[1]}},
+    ]
+    cfg["train"] = {**cfg["train"], "steps": 4, "sharding": "fsdp"}  # type: ignore[dict-item]
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "methods",
+    [
+        ("seq_lora", "kappatune"),  # the kappa selection reads base weights that are already sharded
+        ("ilora", "ilora"),  # EMA of the slow adapter, replay, hidden states through sharded layers
+        ("dema", "dema"),  # a new group's adapter is attached after the layers were sharded
+        ("control_llm", "control_llm"),  # wrapped layers run twice inside one FSDP unit
+    ],
+)
+def test_fsdp_on_two_gloo_processes_trains_the_adapters_a_single_process_trains(
+    tmp_path: Path, methods: tuple[str, str]
+) -> None:
+    cfg = _two_tasks(tmp_path, methods)
+    torch.set_num_threads(1)
+    single = run_sequence(parse_config(cfg), tmp_path / "single")
+    launch(run_sequence_ddp, 2, cfg, str(tmp_path / "fsdp"), None, {})
+    for task in ("00-a", "01-b"):
+        a = load_file(tmp_path / "single" / "tasks" / task / "adapters.safetensors")
+        b = load_file(tmp_path / "fsdp" / "tasks" / task / "adapters.safetensors")
+        b1 = load_file(tmp_path / "fsdp" / "rank1" / "tasks" / task / "adapters.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(b[k], b1[k]) for k in b)  # every rank holds the same whole adapters
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        # float summation order, which Adam's first steps (g / |g|) can magnify on near-zero gradients
+        assert diff < 5e-5, (task, diff)
+    if methods[1] == "dema":
+        state = json.loads((tmp_path / "fsdp" / "tasks" / "01-b" / "state" / "method_state.json").read_text())
+        assert [g["tasks"] for g in state["groups"]] == [["a"], ["b"]]  # b got a new adapter, after sharding
+    progress = json.loads((tmp_path / "fsdp" / "progress.json").read_text())
+    assert progress["R"] == single.R  # the evaluation (generation through sharded layers) agrees
+
+
+def _shard_report(out: str) -> None:
+    """One rank: shard a tiny model with an adapter; write what each kind of tensor holds here."""
+    from torch.distributed.tensor import DTensor
+
+    from cltune.config import LoraConfig
+    from cltune.distributed import accelerator, shard_frozen_layers
+    from cltune.methods.common import attach_adapter, peft_lora_config
+    from cltune.models import build_tiny_llama
+
+    acc = accelerator()
+    model, _, _ = build_tiny_llama()
+    model.requires_grad_(False)
+    model = attach_adapter(model, "default", peft_lora_config(LoraConfig(r=4)))
+    first, again = shard_frozen_layers(model, acc), shard_frozen_layers(model, acc)
+    with torch.no_grad():  # after a forward the layers hold their shards again, not the gathered weights
+        model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    report = {"sharded": first, "again": again, "tensors": {}}
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        report["tensors"][name] = [isinstance(p, DTensor), local.numel(), p.numel()]
+    Path(out, f"rank{acc.process_index}.json").write_text(json.dumps(report))
+    acc.wait_for_everyone()
+
+
+@pytest.mark.slow
+def test_fsdp_splits_frozen_layer_weights_and_keeps_adapters_whole(tmp_path: Path) -> None:
+    launch(_shard_report, 2, str(tmp_path))
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["sharded"] == 2 and rep["again"] == 0  # both layers, once
+        t = rep["tensors"]
+        frozen = {n: v for n, v in t.items() if ".layers." in n and "lora_" not in n}
+        assert frozen and all(is_dt and local * 2 == whole for is_dt, local, whole in frozen.values())
+        lora = {n: v for n, v in t.items() if "lora_" in n}
+        assert lora and all(not is_dt and local == whole for is_dt, local, whole in lora.values())
+        outside = {n: v for n, v in t.items() if ".layers." not in n}  # embeddings, norm, lm_head
+        assert outside and all(not is_dt for is_dt, _, _ in outside.values())

@@ -4,6 +4,8 @@ The loop (cltune/train.py) calls, per task:
     model = method.prepare(model, task, state)       # attach adapters / wrap layers / select targets
     params = method.trainable_parameters(model)      # the optimizer is built from these only
     for each step:  method.loss(model, batch) -> backward -> clip -> optimizer.step()
+                    (batch: input_ids, attention_mask, labels, index = rows of task.train; with several
+                     processes this rank's share, and global_index = every rank's rows of the batch)
                     method.after_step(model, step)   # gradients are still present here
     state = method.after_task(model, task)           # saved beside the adapter; fed to the next task
 and serves / registers the peft adapter named `method.serve_adapter`.
@@ -71,6 +73,8 @@ class TaskContext:
     device: torch.device
     retain: list[dict[str, Any]] | None = None  # tokenised retain set (unlearning)
     log: Any = None  # callable(message, **data) for job events; None: silent
+    rank: int = 0  # data-parallel runs: this process's rank of `world`; a batch holds its share only
+    world: int = 1
 
     def emit(self, message: str, **data: Any) -> None:
         if self.log is not None:

@@ -39,6 +39,7 @@ from cltune.methods.common import (
     only_train,
     peft_lora_config,
 )
+from cltune.models import decoder_layers
 
 ADAPTER = "control"
 # the decoder layer's KV-cache argument: `cache` since transformers 5.24, `past_key_values` before
@@ -67,16 +68,6 @@ class ControlLlmParams(BaseModel):
 
 
 # ---------------------------------------------------------------- layer selection
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a causal LM (peft-wrapped or not)."""
-    root = model.get_base_model() if isinstance(model, PeftModel) else model
-    n = getattr(getattr(root, "config", None), "num_hidden_layers", None)
-    for name, module in root.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
-            return module
-    raise ConfigError(f"control_llm: cannot find the {n} decoder layers of {type(root).__name__}", errors=[])
 
 
 def expansion_layers(num_layers: int, k: int) -> list[int]:

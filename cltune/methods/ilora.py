@@ -153,7 +153,11 @@ class ILora:
         # larger calls. Rows are right-padded, so padding never changes a real position's output.
         n = batch["input_ids"].shape[0]
         current = [self._task.train[i] for i in batch["index"].tolist()]
-        joint = collate(current + self.buffer.sample(n), self._task.pad_id)  # labels padded with -100
+        # data-parallel: every rank draws the same global replay batch and takes its share, so the
+        # run replays what one process would (ranks share the buffer's seed and contents)
+        world, rank = self._task.world, self._task.rank
+        replayed = self.buffer.sample(n * world)[rank::world]
+        joint = collate(current + replayed, self._task.pad_id)  # labels padded with -100
         joint = {k: v.to(batch["input_ids"].device) for k, v in joint.items()}
         out = answer_logits(model, joint, hidden_states=True)  # the lm_head runs on answer tokens only
         assert out.hidden_states is not None
@@ -239,6 +243,8 @@ class ILora:
                 load_adapter_state(model, adapter, part)
 
     def _remember(self, batch: dict[str, torch.Tensor]) -> None:
-        """Reservoir-add the current batch's examples (unpadded token lists, from the task's data)."""
+        """Reservoir-add the batch's examples (unpadded token lists, from the task's data): every rank's
+        rows, so that each rank of a data-parallel run keeps the buffer one process would."""
         assert self._task is not None
-        self.buffer.add([self._task.train[i] for i in batch["index"].tolist() if i >= 0])
+        rows = batch.get("global_index", batch["index"]).tolist()
+        self.buffer.add([self._task.train[i] for i in rows if i >= 0])

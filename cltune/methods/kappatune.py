@@ -64,9 +64,15 @@ class KappaTuneParams(BaseModel):
 # ---------------------------------------------------------------- the kappa table
 
 
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole matrix, also of a layer sharded across ranks (an FSDP2 DTensor: gathered, collectively)."""
+    full = getattr(weight, "full_tensor", None)
+    return full().detach() if callable(full) else weight.detach()
+
+
 def condition_number(weight: torch.Tensor) -> float:
     """kappa = sigma_max / (sigma_min + 1e-8) of a 2-D weight, from an fp32 SVD."""
-    s = torch.linalg.svdvals(weight.detach().float())  # descending
+    s = torch.linalg.svdvals(full_weight(weight).float())  # descending
     return float(s[0] / (s[-1] + EPS))
 
 
@@ -97,7 +103,8 @@ def base_linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
             module = module.get_base_layer()
         if not isinstance(module, nn.Linear) or any(x in name for x in EXCLUDED):
             continue
-        if module.weight.untyped_storage().data_ptr() in tied:
+        sharded = callable(getattr(module.weight, "to_local", None))  # an FSDP2 shard: never the embeddings
+        if not sharded and module.weight.untyped_storage().data_ptr() in tied:
             continue  # an output head tied to the embeddings under another name
         out[name] = module
     return out
@@ -116,7 +123,7 @@ def weights_fingerprint(modules: dict[str, nn.Linear]) -> str:
     """sha256 over (name, shape, dtype, bytes) of the weights: identifies the matrices a table describes."""
     h = hashlib.sha256()
     for name in sorted(modules):
-        w = modules[name].weight.detach()
+        w = full_weight(modules[name].weight)
         h.update(f"{name}|{tuple(w.shape)}|{w.dtype}\n".encode())
         h.update(w.cpu().contiguous().view(torch.uint8).numpy().data)  # hashed in place, no bytes copy
     return h.hexdigest()

@@ -132,6 +132,7 @@ class Npo:
         self._gen = torch.Generator()  # retain sampler (captured in state_dict for exact resume)
         self._retain: list[dict[str, Any]] = []
         self._pad_id = 0
+        self._rank_world = (0, 1)
         self._from_base = True  # the starting model is the base (no adapter to keep a copy of)
         self._params: list[nn.Parameter] = []
         self._prior: list[dict[str, Any]] = []  # lineage carried from an earlier unlearning task
@@ -154,6 +155,7 @@ class Npo:
         self._params = adapter_parameters(model, self.serve_adapter)
         only_train(model, self._params)
         self._pad_id = task.pad_id
+        self._rank_world = (task.rank, task.world)
         self._retain = task.retain or []
         self._gen = torch.Generator().manual_seed(task.train_cfg.seed + 7919 * task.index + 1)
         # pi_ref on the forget set is a constant per example: once here, never per step.
@@ -191,8 +193,10 @@ class Npo:
         return LossOutput(total, parts)
 
     def _retain_batch(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """One retain example per forget example, drawn with this method's own seeded generator."""
-        idx = torch.randint(len(self._retain), (k,), generator=self._gen).tolist()
+        """One retain example per forget example, drawn with this method's own seeded generator
+        (data-parallel: the same global draw on every rank, each taking its share)."""
+        rank, world = self._rank_world
+        idx = torch.randint(len(self._retain), (k * world,), generator=self._gen).tolist()[rank::world]
         b = collate([self._retain[i] for i in idx], self._pad_id)
         return {
             "input_ids": b["input_ids"].to(device),

@@ -18,10 +18,9 @@ from cltune.methods.control_llm import (
     ControlLlm,
     ControlLlmParams,
     InterpolatedForward,
-    decoder_layers,
     expansion_layers,
 )
-from cltune.models import LoadedModel, build_tiny_llama
+from cltune.models import LoadedModel, build_tiny_llama, decoder_layers
 from cltune.train import Callbacks, train_task
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
