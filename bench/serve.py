@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from cltune.config import LoraConfig, ModelConfig  # noqa: E402
 from cltune.methods.common import peft_lora_config  # noqa: E402
-from cltune.models import LoadedModel, load_model  # noqa: E402
+from cltune.models import LoadedModel, cache_kwarg, load_model  # noqa: E402
 from cltune.registry import Registry  # noqa: E402
 from service.engine import AdapterKey, Engine, EngineParams, Forward, GenRequest, SamplingParams  # noqa: E402
 
@@ -80,6 +80,8 @@ def make_adapters(loaded_cfg: ModelConfig, registry: Registry, n: int, r: int, s
 def peft_forward_for(pm: PeftModel) -> Any:
     """Engine `forward_for` that runs peft's mixed-adapter path (adapter_names=) for the batch rows."""
 
+    cache_name = cache_kwarg(pm)
+
     def forward_for(keys: list[AdapterKey | None]) -> Forward:
         names = [k.name if k else "__base__" for k in keys]
 
@@ -90,10 +92,10 @@ def peft_forward_for(pm: PeftModel) -> Any:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 adapter_names=[names[i] for i in active],
+                **{cache_name: cache},
             )
             return out.logits[:, -1]
 

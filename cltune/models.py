@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -262,3 +263,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
             return module
     raise ConfigError(f"cannot find the {n} decoder layers of {type(root).__name__}", errors=[])
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which `model.forward` takes its KV cache: `cache` since transformers 5.24, whose
+    `past_key_values` is deprecated (removed in 5.40), `past_key_values` before."""
+    get_base = getattr(model, "get_base_model", None)
+    root = get_base() if callable(get_base) else model
+    return "cache" if "cache" in inspect.signature(type(root).forward).parameters else "past_key_values"

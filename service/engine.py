@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from cltune.data import left_pad
 from cltune.errors import CLTuneError, ConflictError, NotFoundError
-from cltune.models import LoadedModel
+from cltune.models import LoadedModel, cache_kwarg
 from cltune.registry import AdapterRecord, Registry
 
 log = logging.getLogger("cltune.engine")
@@ -325,6 +325,7 @@ class Engine:
         """
         self.loaded = loaded
         self.model = loaded.model.eval()
+        self._cache_kwarg = cache_kwarg(self.model)
         self.tokenizer = loaded.tokenizer
         self.registry_for = registry_for
         self.params = params or EngineParams()
@@ -441,9 +442,9 @@ class Engine:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kwarg: cache},
             )
             return out.logits[:, -1]  # [b, V]
 
