@@ -244,7 +244,10 @@ def summarise(runs: list[dict[str, Any]], keys_run: list[str]) -> dict[str, Any]
         drop = [r["before"]["retain_acc"] - r["after"][m]["retain_acc"] for r in runs]
         s["forget_acc_relative"] = ms(rel)
         s["retain_acc_drop"] = ms(drop)
-        s["target_met_seeds"] = sum(a <= 0.10 and d <= 0.05 for a, d in zip(rel, drop, strict=True))
+        # accuracies are multiples of 1/n: compare with a margin, so that 1.00 -> 0.95 counts as 5 points
+        s["target_met_seeds"] = sum(
+            a <= 0.10 + 1e-9 and d <= 0.05 + 1e-9 for a, d in zip(rel, drop, strict=True)
+        )
         s["seconds"] = ms([r["after"][m]["seconds"] for r in runs])
         # the trajectory, averaged over seeds (every seed reports at the same steps)
         points = zip(*(r["after"][m]["trajectory"] for r in runs), strict=True)
