@@ -131,7 +131,6 @@ class Npo:
         self._ref_nll = torch.empty(0)  # [N_forget] NLL_sum under pi_ref, fp32
         self._gen = torch.Generator()  # retain sampler (captured in state_dict for exact resume)
         self._retain: list[dict[str, Any]] = []
-        self._forget: list[dict[str, Any]] = []
         self._pad_id = 0
         self._rank_world = (0, 1)
         self._from_base = True  # the starting model is the base (no adapter to keep a copy of)
@@ -158,7 +157,6 @@ class Npo:
         self._pad_id = task.pad_id
         self._rank_world = (task.rank, task.world)
         self._retain = task.retain or []
-        self._forget = task.train
         self._gen = torch.Generator().manual_seed(task.train_cfg.seed + 7919 * task.index + 1)
         # pi_ref on the forget set is a constant per example: once here, never per step.
         self._ref_nll = dataset_nll(model, task.train, task.pad_id, task.device, task.train_cfg.batch_size)
@@ -175,13 +173,7 @@ class Npo:
         return adapter_parameters(model, self.serve_adapter)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        n = batch["input_ids"].shape[0]
-        # With a retain term: one forward over [forget; retain] (2B rows) instead of two, as I-LoRA does:
-        # the same FLOPs in fewer, larger calls. Rows are right-padded, so padding never changes a real
-        # position's output.
-        joint = batch if self.retain_term is None else self._with_retain(batch)
-        out = answer_logits(model, joint)
-        nll = out.sequence_nll()[:n]  # [B] summed over answer tokens, fp32
+        nll = answer_logits(model, batch).sequence_nll()  # [B] summed over answer tokens, fp32
         if self.uses_npo:
             ref = self._ref_nll.to(nll.device)[batch["index"]]  # [B]
             total = npo_loss(nll, ref, self.params.beta)
@@ -191,25 +183,26 @@ class Npo:
             total = -nll.sum() / n_tok  # -CE, token mean
             parts = {"neg_ce": total.item(), "nll_forget": nll.mean().item()}
         if self.retain_term is not None:
-            retain = out.rows >= n  # [N] answer tokens of the retain rows
+            rb = self._retain_batch(len(nll), nll.device)
             if self.retain_term == "ce":
-                term = out.ce(retain)
+                term = answer_logits(model, rb).ce()
             else:
-                retain_batch = {k: joint[k][n:] for k in ("input_ids", "attention_mask", "labels")}
-                term = token_kl(out.logits[retain], self._ref_logits(model, retain_batch))
+                term = token_kl(answer_logits(model, rb).logits, self._ref_logits(model, rb))
             parts[f"{self.retain_term}_retain"] = term.item()
             total = total + self.params.retain_weight * term
         return LossOutput(total, parts)
 
-    def _with_retain(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The forget batch's rows followed by as many retain rows, drawn with this method's own seeded
-        generator (data-parallel: the same global draw on every rank, each taking its share)."""
-        n = batch["input_ids"].shape[0]
+    def _retain_batch(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """One retain example per forget example, drawn with this method's own seeded generator
+        (data-parallel: the same global draw on every rank, each taking its share)."""
         rank, world = self._rank_world
-        idx = torch.randint(len(self._retain), (n * world,), generator=self._gen).tolist()[rank::world]
-        forget = [self._forget[i] for i in batch["index"].tolist()]
-        joint = collate(forget + [self._retain[i] for i in idx], self._pad_id)  # labels padded with -100
-        return {k: joint[k].to(batch["input_ids"].device) for k in ("input_ids", "attention_mask", "labels")}
+        idx = torch.randint(len(self._retain), (k * world,), generator=self._gen).tolist()[rank::world]
+        b = collate([self._retain[i] for i in idx], self._pad_id)
+        return {
+            "input_ids": b["input_ids"].to(device),
+            "attention_mask": b["attention_mask"].to(device),
+            "labels": b["labels"].to(device),
+        }
 
     @torch.no_grad()
     def _ref_logits(self, model: Any, rb: dict[str, torch.Tensor]) -> torch.Tensor:
