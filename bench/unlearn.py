@@ -15,9 +15,9 @@ by real capital-city names drawn without replacement, so no model knows them bef
 them and a model never trained on the forget set can only guess. tiny-llama is first full-trained on the
 format with other made-up countries (same answer vocabulary), so LoRA has something to build on; SmolLM2
 needs no pre-training. The base and the adapter trained on all the facts are shared by the seeds; the
-forget subset, the never-trained reference adapter and the unlearning batch order change with the seed. The retain set given to npo_rt / npo_kl is part of the retained
-facts; the rest ("retain held out") is scored too, as a check that utility is kept beyond the data the
-retain term sees.
+forget subset, the never-trained reference adapter and the unlearning batch order change with the seed.
+The retain set given to npo_rt / npo_kl is part of the retained facts; the rest ("retain held out") is
+scored too, as a check that utility is kept beyond the data the retain term sees.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,15 +97,24 @@ def accuracy(model: Any, loaded: LoadedModel, ex: list[Example]) -> float:
 
 
 def measure(
-    model: Any, loaded: LoadedModel, split: dict[str, list[Example]], pert: list[list[str]], max_len: int
+    model: Any,
+    loaded: LoadedModel,
+    split: dict[str, list[Example]],
+    pert: list[list[str]],
+    max_len: int,
+    ref_tr: np.ndarray,
 ) -> dict[str, Any]:
+    """Accuracies, forget NLL, truth ratios and forget quality against `ref_tr` (the never-trained
+    model's truth ratios)."""
     nll, _ = answer_nll(model, loaded.tokenizer, split["forget"], max_len)
+    tr = truth_ratios(model, loaded.tokenizer, split["forget"], pert, max_len)
     return {
         "forget_acc": accuracy(model, loaded, split["forget"]),
         "forget_nll": float(nll.mean()),  # NLL summed over answer tokens, mean over forget examples
         "retain_acc": accuracy(model, loaded, split["retain"]),
         "retain_heldout_acc": accuracy(model, loaded, split["retain_heldout"]),
-        "truth_ratio": truth_ratios(model, loaded.tokenizer, split["forget"], pert, max_len).tolist(),
+        "truth_ratio": tr.tolist(),
+        "forget_quality": forget_quality(tr, ref_tr),
     }
 
 
@@ -155,9 +165,8 @@ def run_seed(
     torch.manual_seed(seed)
     never = learn(base, loaded, examples(retain_all), lora, learn_config(args, seed))  # never saw them
     learn_s = time.perf_counter() - t0
-    before = measure(full, loaded, split, pert, args.max_len)
     ref_tr = truth_ratios(never, loaded.tokenizer, split["forget"], pert, args.max_len)
-    before["forget_quality"] = forget_quality(before["truth_ratio"], ref_tr)
+    before = measure(full, loaded, split, pert, args.max_len, ref_tr)
     out: dict[str, Any] = {
         "seed": seed,
         "never_trained_learn_seconds": learn_s,
@@ -196,14 +205,13 @@ def run_seed(
             def checkpoint(
                 step: int, model: Any = model, trajectory: list[dict[str, Any]] = trajectory
             ) -> None:
-                m = measure(model, loaded, split, pert, args.max_len)
-                m["forget_quality"] = forget_quality(m.pop("truth_ratio"), ref_tr)
+                m = measure(model, loaded, split, pert, args.max_len, ref_tr)
+                del m["truth_ratio"]
                 trajectory.append({"step": step, "epochs": round(step / steps_per_epoch, 2), **m})
 
             res = train_task(model, method, ctx, unlearn_cfg, callbacks=Callbacks(on_eval=checkpoint))
             seconds = time.perf_counter() - t0  # includes the trajectory's evaluations
-            after = measure(model, loaded, split, pert, args.max_len)
-            after["forget_quality"] = forget_quality(after["truth_ratio"], ref_tr)
+            after = measure(model, loaded, split, pert, args.max_len, ref_tr)
             point = {k: v for k, v in after.items() if k != "truth_ratio"}
             trajectory.append({"step": res.steps, "epochs": round(res.steps / steps_per_epoch, 2), **point})
             out["after"][run_key(name, lr)] = {

@@ -254,10 +254,15 @@ def pretrain_tiny(
     model.requires_grad_(False)
 
 
+def unwrap(model: nn.Module) -> Any:
+    """The transformers model inside a peft wrapper; the model itself when it is not wrapped."""
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel (peft is not imported here)
+    return get_base() if callable(get_base) else model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder-layer list of a causal LM (peft-wrapped or not)."""
-    get_base = getattr(model, "get_base_model", None)  # a PeftModel (peft is not imported here)
-    root = get_base() if callable(get_base) else model
+    root = unwrap(model)
     n = getattr(getattr(root, "config", None), "num_hidden_layers", None)
     for name, module in root.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
@@ -268,6 +273,5 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def cache_kwarg(model: nn.Module) -> str:
     """The name under which `model.forward` takes its KV cache: `cache` since transformers 5.24, whose
     `past_key_values` is deprecated (removed in 5.40), `past_key_values` before."""
-    get_base = getattr(model, "get_base_model", None)
-    root = get_base() if callable(get_base) else model
-    return "cache" if "cache" in inspect.signature(type(root).forward).parameters else "past_key_values"
+    params = inspect.signature(type(unwrap(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -16,6 +16,7 @@ from torch import nn
 
 from cltune.config import LoraConfig
 from cltune.methods.base import LossOutput
+from cltune.models import unwrap
 
 
 def peft_lora_config(cfg: LoraConfig, **overrides: Any) -> peft.LoraConfig:
@@ -133,7 +134,7 @@ class AnswerLogits:
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, lm_head) of a causal LM whose logits are exactly lm_head(decoder(x)); else None."""
-    root: Any = model.get_base_model() if isinstance(model, PeftModel) else model
+    root = unwrap(model)
     config = getattr(root, "config", None)
     if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None  # logits are post-processed after the head: take the model's own forward

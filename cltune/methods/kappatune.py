@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,7 +39,7 @@ from cltune.methods.common import (
     only_train,
     peft_lora_config,
 )
-from cltune.models import default_cache_dir
+from cltune.models import default_cache_dir, unwrap
 
 ADAPTER = "kappa"
 EPS = 1e-8  # added to sigma_min, as in peft's helper
@@ -85,7 +84,7 @@ def base_linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     Raises:
         ConfigError: an adapter is merged into the weights (they are no longer the base weights).
     """
-    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    root = unwrap(model)
     tied = _embedding_storages(root)
     out: dict[str, nn.Linear] = {}
     tuner_prefixes: list[str] = []
@@ -216,7 +215,7 @@ def matched_rank(modules: dict[str, nn.Linear], selection: list[str], target: in
 
 def adapted_modules(model: nn.Module, adapter: str = ADAPTER) -> list[str]:
     """Base-model names of the modules that carry `adapter` (sorted)."""
-    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    root = unwrap(model)
     return sorted(n for n, m in root.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
 
 
