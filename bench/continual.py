@@ -12,12 +12,11 @@ algorithmic tasks -- reverse / upper-case / shift a string -- were tried first: 
 steps the 2-layer model could not even copy, and LoRA reached 0% on all of them.)
 SmolLM2 tasks: capitals, French number words, sentiment (cltune.demo_data), 20% held out.
 
-Prints JSON (also written to --out if given) and a table: AP, BWT, forgetting (METHODS.md section 0) and wall
-time per method. `dema` additionally gets a routed evaluation: after the last task, every held-out
-prompt goes to a group by the similarity of its instruction to the groups' codebooks (cltune.grouping),
-which is how DEMA's groups are meant to be served. Two rules: `argmax` (the most similar group) and
-`reference` (the most similar group if it clears DEMA's threshold, else the most recent group). BWT for
-those rows compares the routed final scores with the served scores right after each task.
+Prints JSON (also written to --out if given) and a table: AP, BWT, forgetting (docs/methods.md
+section 0) and wall time per method. DEMA's R is routed by run_sequence itself (cltune.served): every
+held-out prompt goes to the group whose codebook its instruction is most similar to (cltune.router), else
+to the most recent group, as DEMA's groups are served; `dema` rows also report the routing accuracy (the
+share of prompts answered by the group that trained their task), from results' `scored_with`.
 """
 
 from __future__ import annotations
@@ -43,12 +42,10 @@ from cltune.config import (
     TaskConfig,
     TrainConfig,
 )
-from cltune.data import Example, prompt_text
-from cltune.evaluate import cl_metrics, format_matrix, score_task
-from cltune.grouping import decide
+from cltune.data import prompt_text
+from cltune.evaluate import format_matrix
 from cltune.methods import METHODS
 from cltune.methods.base import MethodState
-from cltune.methods.common import load_adapter_state, peft_lora_config
 from cltune.models import LoadedModel, load_model, pretrain_tiny
 from cltune.sequence import run_sequence
 
@@ -118,66 +115,19 @@ def demo_tasks(directory: Path, max_eval: int) -> list[TaskConfig]:
     ]
 
 
-# ---------------------------------------------------------------- dema's routed evaluation
+# ---------------------------------------------------------------- dema's routing
 
 
-def routed_scores(
-    loaded: LoadedModel, base: Any, run_dir: Path, cfg: RunConfig, params: dict[str, Any], rule: str
-) -> dict[str, Any]:
-    """Final scores when every held-out prompt is routed to a DEMA group by its instruction.
-
-    rule "argmax": the most similar group. rule "reference": the most similar group if its similarity
-    clears DEMA's threshold, else the most recent group (as the reference serves).
-    """
-    from peft import PeftModel
-
-    from cltune.sequence import read_task_data
-
+def routing_accuracy(run_dir: Path, cfg: RunConfig, scored_with: dict[str, Any]) -> float:
+    """Share of the final row's prompts answered by the adapter of the DEMA group that trained their task
+    (run_sequence routes every prompt: `scored_with` says which adapter answered how many per column)."""
     last = cfg.tasks[-1]
     state = MethodState.load(run_dir / "tasks" / f"{len(cfg.tasks) - 1:02d}-{last.name}" / "state")
     assert state is not None
-    groups = state.meta["groups"]
-    model: Any = None
-    for g in groups:
-        conf = peft_lora_config(LoraConfig.model_validate(g["lora"]))
-        model = PeftModel(base, conf, adapter_name=g["adapter"]) if model is None else model
-        if g["adapter"] not in model.peft_config:
-            model.add_adapter(g["adapter"], conf)
-        part = {k.split("/", 1)[1]: v for k, v in state.tensors.items() if k.startswith(g["adapter"] + "/")}
-        load_adapter_state(model, g["adapter"], part)
-    p = METHODS["dema"].Params.model_validate(params)
-    threshold = p.threshold if rule == "reference" else float("-inf")
-    books = {g["name"]: g["codebook"] for g in groups}
-    by_name = {g["name"]: g["adapter"] for g in groups}
-    row, correct, total = [], 0, 0
-    for t in cfg.tasks:
-        held = read_task_data(t, cfg.train.seed).eval
-        buckets: dict[str, list[Example]] = {}
-        for ex in held:
-            d = decide([ex.instruction], books, threshold, p.similarity, p.reduce)
-            group = d.group if d.action == "retrain" else groups[-1]["name"]  # reference: most recent group
-            buckets.setdefault(by_name[group], []).append(ex)
-            correct += int(t.name in next(g["tasks"] for g in groups if g["name"] == group))
-            total += 1
-        score = 0.0
-        for adapter, exs in buckets.items():
-            s, _ = score_task(
-                model,
-                loaded.tokenizer,
-                exs,
-                t.scorer,
-                max_new_tokens=t.max_new_tokens or 16,
-                batch_size=cfg.eval.batch_size,
-                adapter=adapter,
-            )
-            score += s * len(exs)
-        row.append(score / len(held))
-    return {
-        "rule": rule,
-        "final_row": row,
-        "routing_accuracy": correct / total,
-        "groups": [g["name"] for g in groups],
-    }
+    tasks_of = {g["adapter"]: g["tasks"] for g in state.meta["groups"]}
+    columns = scored_with[last.name]["columns"]
+    right = sum(n for task, used in columns.items() for a, n in used.items() if task in tasks_of.get(a, []))
+    return right / max(1, sum(n for used in columns.values() for n in used.values()))
 
 
 # ---------------------------------------------------------------- runs
@@ -207,9 +157,8 @@ def run_method(
         ),
         eval=EvalConfig(batch_size=64, heatmap=False),
     )
-    base = copy.deepcopy(loaded.model)  # every method starts from the same weights
     mine = LoadedModel(
-        copy.deepcopy(loaded.model),
+        copy.deepcopy(loaded.model),  # every method starts from the same weights
         loaded.tokenizer,
         loaded.name,
         loaded.fingerprint,
@@ -230,12 +179,9 @@ def run_method(
         "train_s": sum(x["seconds"] for x in res.train),
         "steps": sum(x["steps"] for x in res.train),
     }
-    if name == "dema":  # BWT compares routed final scores with the served scores right after each task
-        out["routed"] = []
-        for rule in ("argmax", "reference"):
-            routed = routed_scores(loaded, copy.deepcopy(base), run_dir, cfg, params, rule)
-            out["routed"].append({**routed, "metrics": cl_metrics([*res.R[:-1], routed["final_row"]])})
-    del mine, base
+    if name == "dema":  # R is routed per prompt (run_sequence): how often the right group answered
+        out["routing_accuracy"] = routing_accuracy(run_dir, cfg, res.scored_with)
+    del mine
     return out
 
 
@@ -252,13 +198,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['method']:<28}{m['ap']:>7.3f}{m['bwt']:>8.3f}{m['forgetting']:>8.3f}{diag:>9.3f}"
             f"{r['wall_s']:>8.1f}{per:>8.3f}"
         )
-        for routed in r.get("routed", []):
-            rm = routed["metrics"]
-            lines.append(
-                f"{'  routed, ' + routed['rule']:<28}{rm['ap']:>7.3f}{rm['bwt']:>8.3f}"
-                f"{rm['forgetting']:>8.3f}{diag:>9.3f}{'':>8}{'':>8}"
-                f"  routing accuracy {routed['routing_accuracy']:.2f}"
-            )
+        if "routing_accuracy" in r:
+            lines[-1] += f"  routing accuracy {r['routing_accuracy']:.2f}"
     return "\n".join(lines)
 
 

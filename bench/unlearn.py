@@ -319,7 +319,7 @@ def main() -> None:
         type=float,
         nargs="+",
         default=[1e-4, 1e-3],
-        help="unlearning lrs (METHODS.md: 1e-4 with LoRA)",
+        help="unlearning lrs (docs/methods.md: 1e-4 with LoRA)",
     )
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--max-len", type=int, default=96)

@@ -59,7 +59,16 @@ def log_line(message: str, **data: Any) -> None:
 
 def print_result(res: RunResult) -> None:
     print("\nAccuracy matrix R (rows: after training; columns: evaluated task)")
-    print(format_matrix(res.R, res.tasks))
+    print(format_matrix(res.R, res.tasks, {k: v["values"] for k, v in res.general.items()}))
+    if res.general:
+        kept = ", ".join(
+            f"{k} {v['retention']:.2f}" for k, v in res.general.items() if v["retention"] is not None
+        )
+        print(f"(general abilities: value after each row; retention vs the base model: {kept})")
+    for info in res.train:
+        stop = info.get("stop_reason", "")
+        best = f", kept step {info['best_step']}" if info.get("best_step") else ""
+        print(f"  {info['task']}: {info['steps']} steps ({stop}{best}), {info['seconds']:.0f} s")
     m = res.metrics
     if m:
         print(
@@ -92,8 +101,20 @@ def run_config(cfg: RunConfig, run_dir: Path | None = None) -> RunResult:
         bar.close()
 
 
+def ensure_task_files(cfg: RunConfig) -> None:
+    """Generate the demo datasets the config trains on when they are missing (a fresh clone has no
+    data/demo/); any other missing file is reported by the data reader, with its name."""
+    from cltune.demo_data import ensure_demo_data
+
+    files = [f for t in cfg.tasks for f in (t.train, t.eval, t.retain) if f]
+    written = ensure_demo_data(files)
+    if written:
+        log_line("demo data was missing; generated " + ", ".join(str(p) for p in written))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    ensure_task_files(cfg)
     res = run_config(cfg, Path(args.run_dir) if args.run_dir else None)
     print_result(res)
     return 0
@@ -108,6 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.data_only:
         return 0
     cfg = load_config(args.config, args.overrides)
+    ensure_task_files(cfg)  # the config's own paths (data/demo/...), wherever CLTUNE_DATA_DIR points
     res = run_config(cfg, Path(args.run_dir) if args.run_dir else None)
     print_result(res)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
@@ -120,9 +142,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cltune.models import load_model
 
     if args.matrix:
-        R = json.loads(Path(args.matrix).read_text())
-        R = R.get("R", R) if isinstance(R, dict) else R
-        print(json.dumps(cl_metrics(R, args.bwt_normalizer), indent=1))
+        saved = json.loads(Path(args.matrix).read_text())
+        results = saved if isinstance(saved, dict) else {"R": saved}  # results.json or a bare matrix
+        names = results.get("tasks")
+        gone = set(results.get("unlearning_tasks", []))  # forget-set columns: reported apart
+        flags = [n in gone for n in names] if names else None
+        print(json.dumps(cl_metrics(results["R"], args.bwt_normalizer, flags, names), indent=1))
         return 0
     if not (args.data and args.model):
         raise CLTuneError("eval needs --matrix FILE, or --model and --data (and optionally --adapter)")

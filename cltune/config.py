@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,7 +42,7 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     quantization: Literal["none", "4bit", "8bit"] = "none"  # QLoRA base via bitsandbytes
-    seed: int = 0  # weights of the random tiny-llama
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # weights of the random tiny-llama
 
     @field_validator("device")
     @classmethod
@@ -56,8 +56,11 @@ class LoraConfig(_Strict):
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0, le=4096)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
-    layers_to_transform: list[int] | None = None
+    # module names (or name suffixes) of Linear layers; the service checks them against the model at submit
+    target_modules: list[Annotated[str, Field(min_length=1)]] | Literal["all-linear"] = Field(
+        ["q_proj", "v_proj"], min_length=1
+    )
+    layers_to_transform: list[Annotated[int, Field(ge=0)]] | None = None  # decoder layer indices
 
 
 class MethodConfig(_Strict):
@@ -110,14 +113,27 @@ class TaskConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int | None = Field(None, ge=1, le=10_000_000)  # optimizer steps per task; None: use epochs
-    epochs: float = Field(1.0, gt=0, le=1000)
+    # "auto": train in epochs over the task's data, score a validation split every `val_every` steps,
+    # stop when it has not improved for `patience` validations or a budget (max_epochs, max_steps,
+    # max_minutes) ends, and keep the best checkpoint. An int: exactly that many optimizer steps;
+    # None: exactly `epochs` epochs. Unlearning methods have no validation target: "auto" = `epochs`.
+    steps: int | Literal["auto"] | None = "auto"
+    epochs: float = Field(1.0, gt=0, le=1000)  # steps: None (and unlearning under "auto")
+    max_epochs: float = Field(20.0, gt=0, le=1000)  # auto: budget in passes over the training split
+    max_steps: int = Field(1000, ge=1, le=10_000_000)  # auto: budget in optimizer steps
+    max_minutes: float | None = Field(None, gt=0, le=7 * 24 * 60)  # auto: wall-clock budget per task
+    patience: int = Field(3, ge=1, le=1000)  # auto: validations without improvement before stopping
+    min_delta: float = Field(0.01, ge=0.0, lt=1.0)  # auto: a loss must fall by this fraction to count
+    val_every: int | None = Field(None, ge=1)  # auto: steps between validations; None: half an epoch (5-50)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # auto: share of the training split held out ...
+    val_max: int = Field(48, ge=2, le=10_000)  # ... capped at this many examples
+    val_metric: Literal["loss", "score"] = "loss"  # auto: answer-token CE (cheap) or the task's scorer
     batch_size: int = Field(8, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=1024)
     lr: float = Field(2e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_len: int = Field(256, ge=8, le=131_072)
     seed: int = 0
@@ -128,12 +144,27 @@ class TrainConfig(_Strict):
     # each device; "fsdp" shards the frozen decoder layers across them (FSDP2), adapters stay replicated
     sharding: Literal["none", "fsdp"] = "none"
 
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, int) and not 1 <= v <= 10_000_000):
+            raise ValueError(f"steps {v!r} must be 'auto', null (use epochs) or an integer 1..10000000")
+        return v
+
+    @property
+    def auto(self) -> bool:
+        return self.steps == "auto"
+
 
 class EvalConfig(_Strict):
     max_new_tokens: int = Field(16, ge=1, le=4096)
     batch_size: int = Field(32, ge=1, le=4096)
     bwt_normalizer: Literal["T-1", "T"] = "T-1"  # "T" is TRACE's convention; both are recorded
     heatmap: bool = True
+    # general abilities no task trains, scored after every task (cltune/general.py): perplexity of
+    # general text and of GSM8K solutions by default; "gsm8k" (few-shot accuracy) is slow, opt-in
+    general: list[Literal["text_ppl", "gsm8k_ppl", "gsm8k"]] = ["text_ppl", "gsm8k_ppl"]
+    general_examples: int = Field(32, ge=1, le=1319)  # per probe
 
 
 class RunConfig(_Strict):

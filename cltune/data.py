@@ -74,9 +74,21 @@ def _text(record: dict[str, Any], key: str, *, required: bool, nonempty: bool) -
         return ""
     if not isinstance(v, str):
         raise ValueError(key, f"must be a string, got {type(v).__name__}")
+    _unicode(v, key)
     if nonempty and not v.strip():
         raise ValueError(key, "is empty")
     return v
+
+
+def _unicode(v: str, key: str) -> None:
+    """Refuse a lone surrogate (a JSON escape such as \\ud800 without its pair): it is no character,
+    and the tokenizer cannot encode it."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            key, f"holds a lone surrogate ({v[e.start]!r} at character {e.start}); not valid Unicode text"
+        ) from None
 
 
 def _parse(record: dict[str, Any], fmt: str, line: int) -> Example:
@@ -108,6 +120,7 @@ def _parse(record: dict[str, Any], fmt: str, line: int) -> Example:
         content = m.get("content")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content", f"must be a string, got {type(content).__name__}")
+        _unicode(content, f"messages[{i}].content")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
         raise ValueError(f"messages[{len(out) - 1}].role", "the last message must be the assistant answer")
@@ -161,6 +174,9 @@ def read_jsonl(
                 record = json.loads(text)
             except json.JSONDecodeError as e:
                 fail(lineno, None, f"invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            except RecursionError:
+                fail(lineno, None, "invalid JSON: nested too deeply; a record is one flat JSON object")
                 continue
             if not isinstance(record, dict):
                 fail(lineno, None, f"each line must be a JSON object, got {type(record).__name__}")

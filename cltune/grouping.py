@@ -1,5 +1,5 @@
 """Instruction grouping: how similar a set of instructions is to an adapter group's codebook, and
-the per-task decision to retrain an existing group or expand to a new one (DEMA, METHODS.md 2b).
+the per-task decision to retrain an existing group or expand to a new one (DEMA; docs/methods.md, section 2b).
 
 The router reuses the same functions for `model="auto"`: `decide([prompt], groups, threshold)`
 names the most similar group and says whether it clears the threshold.
@@ -108,7 +108,7 @@ def similarity(
       centroid       cosine between the two sets' mean vectors. Words shared by a whole set (its
                      template) dominate, so one template scores ~0.9 and different ones < 0.2
                      (TF-IDF, demo data) -- the scale of the reference's thresholds 0.9 / 0.3.
-      mean_pairwise  mean cosine over all pairs (METHODS.md's literal definition). Per-example words
+      mean_pairwise  mean cosine over all pairs (the reference's definition). Per-example words
                      (country names, reviews) dominate: one template scores only 0.06-0.14 on the
                      demo data, different templates 0.01-0.03, so thresholds are fragile.
     Both sides are capped at MAX_COMPARED texts (seeded sample). An empty side gives 0.0.

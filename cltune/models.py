@@ -9,6 +9,7 @@ Anything else is treated as a local model directory or a Hugging Face id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -275,3 +276,63 @@ def cache_kwarg(model: nn.Module) -> str:
     `past_key_values` is deprecated (removed in 5.40), `past_key_values` before."""
     params = inspect.signature(type(unwrap(model)).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+# ---------------------------------------------------------------- structure without weights
+
+# SmolLM2-135M-Instruct's architecture, for when its converted directory (with config.json) is not cached
+# yet: layer names and counts are all that `model_structure` reads, so sizes only need to be valid.
+SMOLLM2_CONFIG = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What a LoRA config can name in a base model: its Linear layers and its decoder layers."""
+
+    linear: tuple[str, ...]  # full module names of the Linear layers
+    num_layers: int
+
+    def matches(self, key: str) -> bool:
+        """Whether `key` names a Linear layer as peft matches target_modules: the full name or a suffix."""
+        return any(n == key or n.endswith("." + key) for n in self.linear)
+
+    @property
+    def linear_names(self) -> list[str]:
+        """The Linear layers' own names (q_proj, ...): what target_modules usually lists."""
+        return sorted({n.rsplit(".", 1)[-1] for n in self.linear})
+
+
+@functools.lru_cache(maxsize=32)
+def model_structure(name: str, cache_dir: str | None = None) -> ModelStructure | None:
+    """The Linear layers and decoder-layer count of the base model `name`, read from its config alone
+    (the model is built on the meta device: no weights, milliseconds). None when its config is not on
+    this host (a hub id, a directory without config.json)."""
+    from transformers import AutoConfig
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    config: Any
+    if name == "tiny-llama":
+        model: Any = build_tiny_llama(0)[0]  # tiny: building it costs less than a meta copy's bookkeeping
+    else:
+        if name == "smollm2-135m":
+            found = sorted(cache.glob("smollm2-135m-*/config.json"))
+            config = AutoConfig.from_pretrained(found[0].parent) if found else LlamaConfig(**SMOLLM2_CONFIG)
+        elif (Path(name) / "config.json").is_file():
+            try:
+                config = AutoConfig.from_pretrained(name)
+            except (OSError, ValueError):
+                return None
+        else:
+            return None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    linear = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    return ModelStructure(linear, int(getattr(model.config, "num_hidden_layers", 0) or 0))

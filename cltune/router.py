@@ -4,7 +4,9 @@
 For `auto`, the request's instruction is compared with every adapter group's codebook (the
 instructions its adapters were trained on; the same data DEMA groups by) with the vectorisers of
 `cltune.grouping` (TF-IDF by default, or MiniLM sentence embeddings); the best group above the threshold answers with its newest adapter,
-anything else goes to the base model. Every decision is logged with its score.
+anything else goes to the base model, or (`fallback: recent`) to the most recent group, as DEMA's reference
+serves its groups. Every decision is logged with its score. `route_group` is the same choice over any
+group -> codebook mapping: a continual run scores DEMA's R matrix with it (cltune.sequence).
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ log = logging.getLogger("cltune.router")
 
 BASE = "base"
 AUTO = "auto"
-Reason = Literal["explicit", "base", "auto_match", "auto_below_threshold", "auto_no_adapters"]
+Reason = Literal[
+    "explicit", "base", "auto_match", "auto_below_threshold", "auto_fallback_recent", "auto_no_adapters"
+]
 
 
 class RouterParams(BaseModel):
     backend: Literal["tfidf", "minilm"] = "tfidf"  # similarity function from cltune.grouping.BACKENDS
     # Centroid cosine a group needs for `auto` to pick it; None: the backend's default below.
     threshold: float | None = Field(None, ge=0.0, le=1.0)
+    # When no group clears the threshold: "base" (the base model answers) or "recent" (the most recent
+    # group answers: DEMA's reference; a continual run scores DEMA's groups so).
+    fallback: Literal["base", "recent"] = "base"
 
 
 # Measured on the demo tasks (capitals, French numbers, sentiment; 200-instruction codebooks): held-out
@@ -65,7 +72,10 @@ def groups_of(records: list[AdapterRecord]) -> tuple[dict[str, list[str]], dict[
     """
     books: dict[str, list[str]] = {}
     newest: dict[str, AdapterRecord] = {}
-    for rec in sorted(records, key=lambda r: (r.created_at, r.name, r.version)):
+    parents = {r.parent for r in records if r.parent}
+    # created_at has one-second resolution: within a second, a parent sorts before its child (an
+    # unlearned child must win its parent's group)
+    for rec in sorted(records, key=lambda r: (r.created_at, r.ref not in parents, r.name, r.version)):
         if not rec.codebook:
             continue
         g = rec.group or rec.name
@@ -113,20 +123,50 @@ def _minilm_centroid(book: tuple[str, ...]) -> np.ndarray:
     return np.asarray(y).mean(0)
 
 
-def route_auto(instruction: str, registry: Registry, params: RouterParams | None = None) -> Route:
-    """Send `instruction` to the newest adapter of the most similar group, or to the base model."""
+@dataclass(frozen=True)
+class GroupChoice:
+    """The group that answers an instruction (None: the base model), and why."""
+
+    group: str | None
+    reason: Reason
+    score: float | None = None  # similarity of the best group (the one rejected, below the threshold)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def route_group(
+    instruction: str,
+    books: dict[str, list[str]],
+    params: RouterParams | None = None,
+    recent: str | None = None,
+) -> GroupChoice:
+    """The most similar group if it clears the threshold, else `recent` (fallback "recent") or none.
+
+    Args:
+        books: group name -> codebook (instructions its adapters were trained on), oldest group first.
+        recent: the most recent group (the newest adapter's), for `params.fallback == "recent"`.
+    """
     params = params or RouterParams()
     threshold = params.threshold if params.threshold is not None else DEFAULT_THRESHOLD[params.backend]
-    books, newest = groups_of(registry.list())
     if not books:
-        route = Route(None, "auto_no_adapters")
-    else:
-        scores = group_scores(instruction, {g: subsample(b) for g, b in books.items()}, params.backend)
-        best = max(scores, key=lambda g: scores[g])  # ties: the oldest group
-        if scores[best] >= threshold:
-            route = Route(newest[best], "auto_match", scores[best], best, scores)
-        else:
-            route = Route(None, "auto_below_threshold", scores[best], best, scores)
+        return GroupChoice(None, "auto_no_adapters")
+    scores = group_scores(instruction, {g: subsample(b) for g, b in books.items()}, params.backend)
+    best = max(scores, key=lambda g: scores[g])  # ties: the oldest group
+    if scores[best] >= threshold:
+        return GroupChoice(best, "auto_match", scores[best], scores)
+    if params.fallback == "recent" and recent in books:
+        return GroupChoice(recent, "auto_fallback_recent", scores[best], scores)
+    return GroupChoice(None, "auto_below_threshold", scores[best], scores)
+
+
+def route_auto(instruction: str, registry: Registry, params: RouterParams | None = None) -> Route:
+    """Send `instruction` to the newest adapter of the most similar group, or to the fallback."""
+    books, newest = groups_of(registry.list())
+    recent = max(newest, key=lambda g: newest[g].created_at) if newest else None
+    c = route_group(instruction, books, params, recent)
+    record = newest[c.group] if c.group is not None else None
+    score = c.scores[c.group] if c.reason == "auto_fallback_recent" and c.group is not None else c.score
+    best = max(c.scores, key=lambda g: c.scores[g]) if c.scores else None
+    route = Route(record, c.reason, score, c.group or best, c.scores)
     log.info(
         "route auto -> %s (%s, score=%s, group=%s)", route.served_by, route.reason, route.score, route.group
     )
@@ -162,10 +202,12 @@ __all__ = [
     "AUTO",
     "BASE",
     "DEFAULT_THRESHOLD",
+    "GroupChoice",
     "Route",
     "RouterParams",
     "choose",
     "group_scores",
     "groups_of",
     "route_auto",
+    "route_group",
 ]

@@ -13,15 +13,25 @@ from typing import Any
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from cltune.config import RunConfig, TaskConfig
+from cltune.config import RunConfig, TaskConfig, TrainConfig
 from cltune.data import Example, TokenStats, file_sha256, read_jsonl, split_holdout, tokenize
 from cltune.errors import ConfigError
-from cltune.evaluate import cl_metrics, save_heatmap, score_task, write_results
+from cltune.evaluate import cl_metrics, score_task, write_results
+from cltune.general import GeneralEval
 from cltune.methods import METHODS, build_method
-from cltune.methods.base import MethodState, TaskContext
+from cltune.methods.base import FORGOTTEN_EXAMPLES, MethodState, TaskContext
 from cltune.models import LoadedModel, load_model
+from cltune.plots import save_heatmap, save_learning_curves
 from cltune.registry import AdapterRecord, Registry
-from cltune.train import Callbacks, adapter_tensors, load_model_tensors, train_task
+from cltune.served import BASE_MODEL, Scoring, measure_served, record_gap, score_row, served_scoring
+from cltune.train import (
+    Callbacks,
+    Validator,
+    adapter_tensors,
+    load_model_tensors,
+    train_task,
+    validation_loss,
+)
 
 CODEBOOK_SIZE = 200  # instructions kept per adapter for routing
 
@@ -33,6 +43,7 @@ class TaskData:
     eval: list[Example]
     retain: list[Example] | None
     sha256: dict[str, str]  # role -> file sha256
+    val: list[Example] = field(default_factory=list)  # steps: auto; carved out of `train`
 
 
 @dataclass
@@ -44,13 +55,46 @@ class RunResult:
     run_dir: Path
     train: list[dict[str, Any]] = field(default_factory=list)
     heatmap: Path | None = None
+    scored_with: dict[str, Any] = field(default_factory=dict)  # row -> how R's row was scored (served.py)
+    general: dict[str, Any] = field(default_factory=dict)  # GeneralEval.summary: probe -> values per R row
 
 
-def read_task_data(task: TaskConfig, seed: int, unlearning: bool = False) -> TaskData:
+@dataclass
+class Handover:
+    """What the tasks before pass to the next one, in a sequence that may mix methods.
+
+    previous: the previous task's state (its `serve_adapter`: the weights to continue from).
+    own: method name -> the state of that method's last task, kept across other methods' tasks
+        (I-LoRA's buffer, DEMA's groups, Control-LLM's unscaled weights).
+    forgotten: example_sha256 of every example an unlearning task forgot so far.
+    A resumed run rebuilds it from the finished tasks' saved states, in order.
+    """
+
+    previous: MethodState | None = None
+    own: dict[str, MethodState] = field(default_factory=dict)
+    forgotten: set[str] = field(default_factory=set)
+
+    def record(self, method: str, state: MethodState) -> None:
+        self.previous = self.own[method] = state
+        self.forgotten.update(state.meta.get(FORGOTTEN_EXAMPLES, []))
+
+    def grouped(self, adapter: str) -> MethodState | None:
+        """The last state that keeps adapter groups (DEMA's) with `adapter` among them, if any."""
+        for state in self.own.values():
+            if any(g.get("adapter") == adapter for g in state.meta.get("groups", [])):
+                return state
+        return None
+
+
+def read_task_data(
+    task: TaskConfig, seed: int, unlearning: bool = False, train_cfg: TrainConfig | None = None
+) -> TaskData:
     """Validate and split one task's files (no tokenizer needed: fails before the model loads).
 
     unlearning: `train` is a forget set; nothing is held out and, without an `eval` file, the task is
     scored on the forget set itself (lower is better).
+    train_cfg with `steps: auto`: a validation split (val_fraction, at most val_max) is also carved
+    out of the training examples, never out of the held-out evaluation set.
     """
     _, train = read_jsonl(task.train)
     sha = {"train": file_sha256(task.train)}
@@ -65,7 +109,11 @@ def read_task_data(task: TaskConfig, seed: int, unlearning: bool = False) -> Tas
     if task.retain:
         _, retain = read_jsonl(task.retain)
         sha["retain"] = file_sha256(task.retain)
-    return TaskData(task, train, held[: task.max_eval], retain, sha)
+    val: list[Example] = []
+    if train_cfg is not None and train_cfg.auto and not unlearning and len(train) >= 4:
+        n_val = min(train_cfg.val_max, max(2, round(len(train) * train_cfg.val_fraction)))
+        train, val = split_holdout(train, n_val / len(train), seed + 1)
+    return TaskData(task, train, held[: task.max_eval], retain, sha, val)
 
 
 def _log(cb: Callbacks, message: str, **data: Any) -> None:
@@ -74,21 +122,11 @@ def _log(cb: Callbacks, message: str, **data: Any) -> None:
 
 
 def evaluate_all(
-    loaded: LoadedModel, model: Any, data: list[TaskData], cfg: RunConfig, adapter: str | None
-) -> list[float]:
-    row = []
-    for d in data:
-        score, _ = score_task(
-            model,
-            loaded.tokenizer,
-            d.eval,
-            d.config.scorer,
-            max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            adapter=adapter,
-        )
-        row.append(score)
-    return row
+    loaded: LoadedModel, model: Any, data: list[TaskData], cfg: RunConfig, scoring: Scoring = BASE_MODEL
+) -> tuple[list[float], dict[str, Any]]:
+    """One row of R: every task scored with what is served (`scoring`: the base model, the served
+    adapter, or DEMA's groups routed per prompt). Returns (row, {how, columns: task -> {adapter: n}})."""
+    return score_row(loaded, model, data, cfg, scoring)
 
 
 def run_sequence(
@@ -127,7 +165,7 @@ def run_sequence(
             )
         progress = saved
     unlearn = [bool(getattr(METHODS[cfg.method_for(t).name], "unlearning", False)) for t in cfg.tasks]
-    data = [read_task_data(t, cfg.train.seed, u) for t, u in zip(cfg.tasks, unlearn, strict=True)]
+    data = [read_task_data(t, cfg.train.seed, u, cfg.train) for t, u in zip(cfg.tasks, unlearn, strict=True)]
     loaded = loaded or load_model(cfg.model, cache_dir)
     tok = loaded.tokenizer
     names = [t.name for t in cfg.tasks]
@@ -138,9 +176,13 @@ def run_sequence(
         tmp.write_text(json.dumps(progress, indent=1))
         tmp.replace(progress_path)
 
+    general = GeneralEval(cfg.eval.general, cfg.eval.general_examples, cfg.train.max_len, cfg.eval.batch_size)
+    progress.setdefault("general", [])
     if not progress["R"]:
         _log(cb, "evaluating the base model on every task")
-        progress["R"].append(evaluate_all(loaded, model, data, cfg, adapter=None))
+        base_row, scored = evaluate_all(loaded, model, data, cfg)
+        progress["R"].append(base_row)
+        progress.setdefault("scored_with", {})["base"] = scored
         save_progress()
         _log(
             cb,
@@ -148,8 +190,11 @@ def run_sequence(
             row=progress["R"][0],
             task=None,
         )
+    if general.probes and not progress["general"]:
+        progress["general"].append(_general_row(cb, general, model, tok, None, "base model"))
+        save_progress()
 
-    state: MethodState | None = None
+    handover = Handover()
     for t, d in enumerate(data):
         task = d.config
         method_cfg = cfg.method_for(task)
@@ -169,9 +214,11 @@ def run_sequence(
             log=cb.log,
             rank=accelerator.process_index if accelerator is not None else 0,
             world=accelerator.num_processes if accelerator is not None else 1,
+            own_state=handover.own.get(method.name),
+            forgotten=frozenset(handover.forgotten),
         )
         set_seed(cfg.train.seed + t)  # LoRA init in prepare and dropout: same config, same adapters
-        model = method.prepare(model, ctx, state)
+        model = method.prepare(model, ctx, handover.previous)
         if accelerator is not None and cfg.train.sharding == "fsdp":
             from cltune.distributed import shard_frozen_layers
 
@@ -180,7 +227,9 @@ def run_sequence(
         task_dir = run_dir / "tasks" / f"{t:02d}-{task.name}"
         if t < progress["completed"]:  # finished before a restart: restore, don't retrain
             load_model_tensors(model, task_dir / "adapters.safetensors")
-            state = MethodState.load(task_dir / "state")
+            if hasattr(method, "after_restore"):  # back to the served form (Control-LLM unwraps layers)
+                method.after_restore(model)
+            handover.record(method.name, MethodState.load(task_dir / "state") or MethodState())
             continue
         _log(
             cb,
@@ -215,6 +264,7 @@ def run_sequence(
             )
 
         cb_task = dataclasses.replace(cb, on_eval=on_eval)  # keeps every other callback (on_checkpoint)
+        validate = _validator(cfg, d, tok, loaded.device) if d.val else None
         result = train_task(
             model,
             method,
@@ -224,13 +274,22 @@ def run_sequence(
             resume=resume,
             callbacks=cb_task,
             accelerator=accelerator,  # data-parallel: cltune/distributed.py
+            validate=validate,
         )
+        # a method that serves an approximation of what it trained: measure both forms (the gap)
+        approx = getattr(method, "approximate_serving", False)
+        trained = measure_served(loaded, model, method, d, cfg) if approx else None
         state = method.after_task(model, ctx)
         state.meta.setdefault("serve_adapter", method.serve_adapter)  # the next task may continue from it
+        if trained is not None:
+            record_gap(state, trained, measure_served(loaded, model, method, d, cfg))
         task_dir.mkdir(parents=True, exist_ok=True)
         save_file(adapter_tensors(model), task_dir / "adapters.safetensors")
         state.save(task_dir / "state")
-        row = evaluate_all(loaded, model, data, cfg, adapter=method.serve_adapter)
+        handover.record(method.name, state)
+        scoring = served_scoring(method, state, handover.grouped(method.serve_adapter))
+        row, scored = evaluate_all(loaded, model, data, cfg, scoring)
+        progress.setdefault("scored_with", {})[task.name] = scored
         _log(
             cb,
             f"after {task.name}: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, row, strict=True)),
@@ -238,6 +297,8 @@ def run_sequence(
             task=task.name,
         )
         progress["R"].append(row)
+        if general.probes:
+            progress["general"].append(_general_row(cb, general, model, tok, method.serve_adapter, task.name))
         train_info = {
             "task": task.name,
             "method": method.name,
@@ -245,8 +306,16 @@ def run_sequence(
             "seconds": result.seconds,
             "tokens": result.tokens,
             "final_loss": result.final_loss,
+            "stop_reason": result.stop_reason,
+            "best_step": result.best_step,
+            "best_validation": result.best_value,
+            "validation_metric": cfg.train.val_metric if result.validation else None,
+            "validation": result.validation,
+            "history": [{"step": h["step"], "loss": h["loss"]} for h in result.history],
             **stats.as_dict(),
         }
+        if "served_gap" in state.meta.get("notes", {}):
+            train_info["served_gap"] = state.meta["notes"]["served_gap"]
         progress["train"].append(train_info)
         if registry is not None:
             rec = _register(
@@ -260,9 +329,25 @@ def run_sequence(
             shutil.rmtree(run_dir / leftover, ignore_errors=True)
 
     R = progress["R"]
-    metrics = cl_metrics(R, cfg.eval.bwt_normalizer) if len(R) == len(data) + 1 else {}
-    heat = save_heatmap(R, names, run_dir / "R.png") if cfg.eval.heatmap else None
-    out = RunResult(R, metrics, names, progress["adapters"], run_dir, progress["train"], heat)
+    done = len(R) == len(data) + 1
+    metrics = cl_metrics(R, cfg.eval.bwt_normalizer, unlearning=unlearn, names=names) if done else {}
+    general_summary = general.summary(progress["general"])
+    heat = None
+    if cfg.eval.heatmap:
+        heat = save_heatmap(R, names, run_dir / "R.png", general=general_summary)
+        save_learning_curves(progress["train"], run_dir / "curves.png")
+    scored_with = progress.get("scored_with", {})
+    out = RunResult(
+        R,
+        metrics,
+        names,
+        progress["adapters"],
+        run_dir,
+        progress["train"],
+        heat,
+        scored_with,
+        general_summary,
+    )
     write_results(
         run_dir / "results.json",
         {
@@ -271,11 +356,48 @@ def run_sequence(
             "metrics": metrics,
             "adapters": [a["name"] + "@" + str(a["version"]) for a in out.adapters],
             "train": out.train,
-            # forget-set columns: lower is better (AP/BWT treat them as scores)
+            # forget-set columns (lower is better) are left out of AP/BWT/FWT/forgetting:
+            # metrics["unlearning"] reports them apart
             "unlearning_tasks": [n for n, u in zip(names, unlearn, strict=True) if u],
+            "scored_with": scored_with,  # row (base or task) -> how it was scored, adapter per column
+            "general": general_summary,
         },
     )
     return out
+
+
+def _general_row(
+    cb: Callbacks, general: GeneralEval, model: Any, tok: Any, adapter: str | None, after: str
+) -> dict[str, float]:
+    row = general.row(model, tok, adapter)
+    _log(
+        cb,
+        f"general abilities after {after}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()),
+        general=row,
+    )
+    return row
+
+
+def _validator(cfg: RunConfig, d: TaskData, tok: Any, device: Any) -> Validator:
+    """The early-stopping value for `steps: auto`: answer-token CE on the validation split, or
+    1 - the task's score on it (`val_metric: score`; greedy generation, slower)."""
+    if cfg.train.val_metric == "loss":
+        items, _ = tokenize(d.val, tok, cfg.train.max_len)
+        return validation_loss(items, tok.pad_token_id, device, batch_size=cfg.eval.batch_size)
+
+    def one_minus_score(model: Any, method: Any) -> float:
+        score, _ = score_task(
+            model,
+            tok,
+            d.val,
+            d.config.scorer,
+            max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            adapter=method.serve_adapter,
+        )
+        return 1.0 - score
+
+    return one_minus_score
 
 
 def _register(
@@ -294,6 +416,7 @@ def _register(
 ) -> AdapterRecord:
     task = d.config
     parent = progress["adapters"][-1] if progress["adapters"] else None
+    group, codebook = _routing(method, d, state, parent)
     record = {
         "name": cfg.adapter_name or task.name,
         "base_model": loaded.name,
@@ -319,9 +442,26 @@ def _register(
             "tasks": [x.name for x in cfg.tasks],
             "train": stats.as_dict(),
         },
-        "group": state.meta.get("group", task.name),
-        "codebook": [ex.instruction for ex in d.train[:CODEBOOK_SIZE]],
+        "group": group,
+        "codebook": codebook,
         "notes": state.meta.get("notes", {}),
         "created_by": created_by,
     }
     return registry.save(model, method.serve_adapter, record, state)
+
+
+def _routing(
+    method: Any, d: TaskData, state: MethodState, parent: dict[str, Any] | None
+) -> tuple[str, list[str]]:
+    """(group, codebook) of a task's adapter record, for `model="auto"` routing.
+
+    An unlearned adapter replaces its parent in the parent's group with the parent's codebook minus the
+    forgotten instructions: its own `train` file is the forget set, whose text must neither be stored
+    nor attract prompts, and the parent's group must now reach the unlearned adapter, not the parent.
+    """
+    if not getattr(method, "unlearning", False):
+        return state.meta.get("group", d.config.name), [ex.instruction for ex in d.train[:CODEBOOK_SIZE]]
+    if parent is None:  # unlearned from the base model: nothing to route to
+        return d.config.name, []
+    forgotten = {ex.instruction for ex in d.train}
+    return parent["group"] or parent["name"], [c for c in parent["codebook"] if c not in forgotten]

@@ -3,6 +3,10 @@
 One call trains one task: AdamW, warm-up + cosine/linear/constant schedule, gradient accumulation,
 clipping, periodic checkpoints (adapters, optimizer, scheduler, step, RNG states, method state) and
 an exact resume from them, a cooperative `should_stop`, and a progress callback.
+
+With `steps: auto` the loop learns the task rather than a step count: it scores a validation split
+every `val_every` steps, keeps a copy of the best adapters and method state, stops once the score has
+not improved for `patience` validations (or a budget ends) and finishes on the best copy.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from cltune.config import TrainConfig
 from cltune.data import batches, collate
 from cltune.errors import StopRequested
 from cltune.methods.base import Method, MethodState, TaskContext
+from cltune.methods.common import mean_answer_ce, using_adapter
 
 
 @dataclass
@@ -56,13 +61,108 @@ class TaskResult:
     tokens: int
     final_loss: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = "steps"  # steps | epochs | plateau | max_steps | max_epochs | max_minutes
+    best_step: int | None = None  # auto: the step whose adapters were kept
+    best_value: float | None = None  # auto: its validation value (loss: lower is better)
+    validation: list[dict[str, float]] = field(default_factory=list)  # auto: [{step, value}] per check
 
 
-def total_steps(cfg: TrainConfig, n_examples: int) -> int:
-    if cfg.steps is not None:
+def steps_per_epoch(cfg: TrainConfig, n_examples: int) -> int:
+    return max(1, math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum)))
+
+
+def total_steps(cfg: TrainConfig, n_examples: int, *, early_stopping: bool | None = None) -> int:
+    """Optimizer steps the task may take: its budget under `steps: auto` with a validation split
+    (min of max_steps and max_epochs), else exactly `steps` or `epochs` epochs."""
+    auto = cfg.auto if early_stopping is None else early_stopping
+    if isinstance(cfg.steps, int):
         return cfg.steps
-    per_step = cfg.batch_size * cfg.grad_accum
-    return max(1, math.ceil(cfg.epochs * n_examples / per_step))
+    epochs = cfg.max_epochs if auto else cfg.epochs
+    by_epochs = max(1, math.ceil(epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
+    return min(cfg.max_steps, by_epochs) if auto else by_epochs
+
+
+def validation_interval(cfg: TrainConfig, n_examples: int) -> int:
+    """`val_every`, or half an epoch clamped to 5-50 steps: often enough to stop near the best step,
+    rarely enough that validating costs a small share of training."""
+    if cfg.val_every is not None:
+        return cfg.val_every
+    return min(50, max(5, steps_per_epoch(cfg, n_examples) // 2))
+
+
+# ---------------------------------------------------------------- validation and early stopping
+
+Validator = Callable[[nn.Module, Method], float]  # (model, method) -> value; lower is better
+
+
+def validation_loss(items: list[dict[str, Any]], pad_id: int, device: Any, batch_size: int = 16) -> Validator:
+    """A validator: answer-token cross-entropy of the adapter the method serves, on `items`
+    (tokenised), in eval mode (dropout off), averaged over answer tokens."""
+
+    def value(model: nn.Module, method: Method) -> float:
+        with using_adapter(model, method.serve_adapter):
+            return mean_answer_ce(model, items, pad_id, device, batch_size)
+
+    return value
+
+
+@dataclass
+class Snapshot:
+    """The adapters and method state at the best validation so far (CPU copies)."""
+
+    step: int
+    value: float
+    tensors: dict[str, torch.Tensor]
+    state: MethodState
+
+
+@dataclass
+class EarlyStopping:
+    """Patience on a lower-is-better value; `min_delta` is relative (1% of the best by default)."""
+
+    patience: int
+    min_delta: float
+    best: Snapshot | None = None
+    bad: int = 0  # validations since the last improvement
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best.value - self.min_delta * abs(self.best.value)
+
+    def update(self, model: nn.Module, method: Method, step: int, value: float) -> bool:
+        """Record a validation; keep a snapshot if it improves. Returns True when patience is spent."""
+        self.curve.append({"step": step, "value": value})
+        if self.improves(value):
+            self.best = Snapshot(step, value, adapter_tensors(model), method.state_dict())
+            self.bad = 0
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self, model: nn.Module, method: Method) -> None:
+        assert self.best is not None
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in self.best.tensors.items():
+                params[k].copy_(v)
+        method.load_state_dict(self.best.state)
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Write the best snapshot beside a checkpoint; returns the bookkeeping for trainer.pt."""
+        if self.best is not None:
+            save_file(self.best.tensors, directory / "best.safetensors")
+            self.best.state.save(directory / "best_method")
+        best = None if self.best is None else {"step": self.best.step, "value": self.best.value}
+        return {"best": best, "bad": self.bad, "curve": self.curve}
+
+    def load(self, directory: Path, saved: dict[str, Any]) -> None:
+        self.bad, self.curve = saved["bad"], saved["curve"]
+        if saved["best"] is not None:
+            state = MethodState.load(directory / "best_method") or MethodState()
+            tensors = load_file(directory / "best.safetensors")
+            self.best = Snapshot(saved["best"]["step"], saved["best"]["value"], tensors, state)
 
 
 def make_scheduler(
@@ -116,6 +216,7 @@ def save_checkpoint(
     sched: Any,
     step: int,
     extra: dict[str, Any] | None = None,
+    early: EarlyStopping | None = None,
 ) -> None:
     """Write a resumable checkpoint atomically (into a temp dir, then renames; see checkpoint_location)."""
     tmp = directory.with_name(directory.name + ".tmp")
@@ -123,13 +224,16 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     save_file(adapter_tensors(model), tmp / "adapters.safetensors")
     method.state_dict().save(tmp / "method")
+    extra = dict(extra or {})
+    if early is not None:
+        extra["early_stopping"] = early.save(tmp)
     torch.save(
         {
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "step": step,
             "rng": rng_state(),
-            "extra": extra or {},
+            "extra": extra,
         },
         tmp / "trainer.pt",
     )
@@ -179,9 +283,12 @@ def train_task(
     resume: bool = False,
     callbacks: Callbacks | None = None,
     accelerator: Any = None,
+    validate: Validator | None = None,
 ) -> TaskResult:
     """Train `model` (already prepared by `method.prepare`) on one task.
 
+    `validate` (with `steps: auto`): scores the served adapter, lower is better; the loop stops on a
+    plateau and finishes on the best adapters. Without it "auto" trains `epochs` epochs.
     `accelerator` (data-parallel runs, cltune/distributed.py): this rank takes its share of every
     batch and gradients are averaged across ranks before each optimizer step; None: one process.
 
@@ -194,7 +301,9 @@ def train_task(
     if not params:
         raise ValueError(f"method {method.name!r} left no trainable parameters for task {task.name!r}")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = total_steps(cfg, len(task.train))
+    early = EarlyStopping(cfg.patience, cfg.min_delta) if cfg.auto and validate is not None else None
+    total = total_steps(cfg, len(task.train), early_stopping=early is not None)
+    val_every = validation_interval(cfg, len(task.train))
     sched = make_scheduler(opt, cfg, total)
     start = 0
     found = checkpoint_location(checkpoint_dir) if resume and checkpoint_dir is not None else None
@@ -206,10 +315,13 @@ def train_task(
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         start = ck["step"]
+        if early is not None and "early_stopping" in ck["extra"]:
+            early.load(found, ck["extra"]["early_stopping"])
     order = batches(
         len(task.train), cfg.batch_size, cfg.seed + 7919 * task.index, start=start * cfg.grad_accum
     )
     result = TaskResult(steps=start, seconds=0.0, tokens=0, final_loss=float("nan"))
+    result.stop_reason = _budget_reason(cfg, early is not None, total)
     model.train()
     t_start = time.perf_counter()
     rank, world = (
@@ -221,7 +333,7 @@ def train_task(
             stop = bool(accelerator.reduce(torch.tensor([float(stop)]).to(task.device), "sum").item() > 0)
         if stop:
             if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, model, method, opt, sched, step)
+                save_checkpoint(checkpoint_dir, model, method, opt, sched, step, early=early)
             raise StopRequested(f"stopped at step {step} of task {task.name!r}", step=step)
         t0 = time.perf_counter()
         loss_sum, parts_sum, tokens = 0.0, dict[str, float](), 0
@@ -254,22 +366,59 @@ def train_task(
         if done % cfg.log_every == 0 or done == total:
             eta = elapsed / (done - start) * (total - done)
             lr = float(sched.get_last_lr()[0])
-            result.history.append({"step": done, "loss": loss_sum, **parts_sum})
+            result.history.append({"step": done, "loss": loss_sum, "lr": lr, **parts_sum})
             cb.on_progress(
                 Progress(task.name, task.index, done, total, loss_sum, parts_sum, lr, tokens / dt, eta)
             )
+        reason = None
+        if early is not None and validate is not None and (done % val_every == 0 or done == total):
+            patience_spent = early.update(model, method, done, validate(model, method))
+            model.train()
+            _log_validation(cb, task, early, done)
+            reason = "plateau" if patience_spent else None
+        if reason is None and early is not None and cfg.max_minutes is not None:
+            reason = "max_minutes" if elapsed >= 60 * cfg.max_minutes else None
+        if reason is not None:
+            result.stop_reason = reason
+            break
         if (
             checkpoint_dir is not None
             and cfg.checkpoint_every
             and done % cfg.checkpoint_every == 0
             and done < total
         ):
-            save_checkpoint(checkpoint_dir, model, method, opt, sched, done)
+            save_checkpoint(checkpoint_dir, model, method, opt, sched, done, early=early)
             if cb.on_checkpoint is not None:  # e.g. copy it to a shared store so another host can resume
                 cb.on_checkpoint(done)
         if cb.on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             cb.on_eval(done)
             model.train()
+    if early is not None and early.best is not None:
+        if early.best.step != result.steps:
+            early.restore(model, method)  # finish on the best adapters, not the last ones
+        result.best_step, result.best_value = early.best.step, early.best.value
+        result.validation = early.curve
     result.seconds = time.perf_counter() - t_start
     model.eval()
     return result
+
+
+def _budget_reason(cfg: TrainConfig, early_stopping: bool, total: int) -> str:
+    """Why the loop ends if nothing stops it earlier."""
+    if not early_stopping:
+        return "steps" if isinstance(cfg.steps, int) else "epochs"
+    return "max_steps" if total == cfg.max_steps else "max_epochs"
+
+
+def _log_validation(cb: Callbacks, task: TaskContext, early: EarlyStopping, step: int) -> None:
+    if cb.log is None or early.best is None:
+        return
+    value = early.curve[-1]["value"]
+    cb.log(
+        f"step {step}: validation {value:.4f} (best {early.best.value:.4f} at step {early.best.step})",
+        task=task.name,
+        step=step,
+        validation=value,
+        best_step=early.best.step,
+        best_validation=early.best.value,
+    )

@@ -218,6 +218,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     )
     elif args.action in ("cancel", "retry"):
         _print(_call("POST", f"/v1/jobs/{args.ref}/{args.action}"))
+    elif args.action == "summary":  # ref: comma-separated job ids (one config, several seeds)
+        params = {"ids": args.ref.split(","), "baseline": args.baseline.split(",") if args.baseline else []}
+        _print(_call("GET", "/v1/jobs/summary", params=params))
     else:
         _print(_call("GET", f"/v1/jobs/{args.ref}"))
     return 0
@@ -283,7 +286,7 @@ def add_service_commands(sub: Any) -> None:
 
     clients = {
         "datasets": (cmd_datasets, ["upload", "list", "delete"]),
-        "jobs": (cmd_jobs, ["submit", "list", "get", "events", "cancel", "retry"]),
+        "jobs": (cmd_jobs, ["submit", "list", "get", "events", "cancel", "retry", "summary"]),
         "adapters": (cmd_adapters, ["list", "versions", "download", "delete", "export"]),
     }
     for name, (func, actions) in clients.items():
@@ -295,6 +298,7 @@ def add_service_commands(sub: Any) -> None:
         p.add_argument("--name", help="datasets upload: dataset name")
         p.add_argument("--status", help="jobs list: filter")
         p.add_argument("--priority", type=int, default=0, help="jobs submit")
+        p.add_argument("--baseline", help="jobs summary: comma-separated job ids to compare against")
         p.add_argument("-o", "--output", help="adapters download: archive path")
         p.set_defaults(func=func)
 

@@ -17,7 +17,7 @@ import httpx
 import yaml
 
 from cltune.config import load_config
-from cltune.demo_data import write_demo_data
+from cltune.demo_data import ensure_demo_data, write_demo_data
 from cltune.errors import CLTuneError
 from cltune.evaluate import format_matrix
 from cltune.sequence import read_task_data
@@ -119,6 +119,7 @@ def run_demo(config_path: str, overrides: list[str], data_dir: Path) -> int:
     started = time.perf_counter()
     write_demo_data(data_dir / "demo")
     cfg = load_config(config_path, overrides)  # validated here so mistakes show before anything starts
+    ensure_demo_data(t.train for t in cfg.tasks)  # the config's paths, wherever CLTUNE_DATA_DIR points
     raw = yaml.safe_load(Path(config_path).read_text()) or {}
     with EmbeddedService(data_dir, cfg.model.name) as svc:
         print(f"cltune service: {svc.url} (tenant {DEMO_TENANT[0]!r}, API key {svc.key})", flush=True)

@@ -72,7 +72,13 @@ def run_parallel(
     results = json.loads((run_dir / "results.json").read_text())
     progress = json.loads((run_dir / "progress.json").read_text())
     return summary(
-        results["tasks"], progress["R"], results["metrics"], progress["adapters"], progress["train"], run_dir
+        results["tasks"],
+        progress["R"],
+        results["metrics"],
+        progress["adapters"],
+        progress["train"],
+        run_dir,
+        results.get("general"),
     )
 
 

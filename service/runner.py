@@ -147,7 +147,7 @@ def run_training(
                 created_by=job["id"],
                 resume=True,
             )
-            result = summary(res.tasks, res.R, res.metrics, res.adapters, res.train, res.run_dir)
+            result = summary(res.tasks, res.R, res.metrics, res.adapters, res.train, res.run_dir, res.general)
     except BaseException:  # stopped (its checkpoint) or failed: the next attempt may run on another host
         if shared is not None:
             try:
@@ -216,6 +216,7 @@ def summary(
     records: list[dict[str, Any]],
     train: list[dict[str, Any]],
     run_dir: Path,
+    general: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job's result: scores, CL metrics and the adapters it registered."""
     adapters = [
@@ -235,6 +236,7 @@ def summary(
             "metrics": metrics,
             "adapters": adapters,
             "train": train,
+            "general": general or {},
             "run_dir": str(run_dir),
         }
     )

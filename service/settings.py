@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     engine_max_tokens: int = Field(1024, ge=1, le=1_000_000)  # largest max_tokens a request may ask for
     router_backend: str = Field("tfidf", pattern="^(tfidf|minilm)$")  # similarity for model="auto"
     router_threshold: float | None = Field(None, ge=0, le=1)  # None: the backend's default (cltune/router.py)
+    # auto, no group above the threshold: the base model, or the most recent group (DEMA's reference)
+    router_fallback: str = Field("base", pattern="^(base|recent)$")
     # artifacts shared by several hosts (service/artifacts.py): runs, adapters, datasets
     artifact_store: str = Field("local", pattern="^(local|s3)$")  # local: data_dir only, or artifact_dir
     artifact_dir: Path | None = None  # local: a directory all hosts mount (NFS); None: nothing is shared
@@ -50,6 +52,9 @@ class Settings(BaseSettings):
     s3_bucket: str | None = None  # required when artifact_store = "s3"
     s3_prefix: str = "cltune"  # key prefix inside the bucket
     devices_per_job: int = Field(1, ge=1, le=64)  # > 1: each job trains data-parallel on this many devices
+    # whether the workers train on CUDA (a job's model.device and quantization are checked against it
+    # at submit); None: whether this host has CUDA. Set it where the API runs on a host without GPUs.
+    worker_cuda: bool | None = None
 
     @model_validator(mode="after")
     def _default_db(self) -> Settings:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import TASK_A, TASK_B
 
+from cltune import demo_data
 from cltune.cli import main
+from cltune.config import load_config
 from cltune.registry import Registry
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
@@ -65,6 +67,50 @@ def test_bad_data_returns_2_with_file_and_line(data_dir, write_jsonl, capsys):
     code = main(["train", TINY, f"tasks=[{{name: a, train: '{bad}'}}]"])
     assert code == 2
     assert f"{bad}:2 (field 'completion')" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fresh_clone(tmp_path, monkeypatch, data_dir) -> Path:
+    """The working directory of a fresh clone: configs/ present, data/demo/ not yet written. The demo
+    builders are swapped for small ones (the real ones read PyPI packages; test_router uses them)."""
+    monkeypatch.chdir(tmp_path)
+    for name in demo_data.BUILDERS:
+        rows = [{"prompt": f"{name}: {q}", "completion": a} for q, a in TASK_A[:12]]
+        monkeypatch.setitem(demo_data.BUILDERS, name, lambda rows=rows: rows)
+    return tmp_path
+
+
+def test_train_on_a_fresh_clone_generates_the_missing_demo_data(fresh_clone, data_dir, capsys):
+    assert not (fresh_clone / "data" / "demo").exists()
+    code = main(["train", TINY, "train.steps=1", "eval.max_new_tokens=2", "--run-dir", str(data_dir / "r")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    files = [t.train for t in load_config(TINY).tasks]  # data/demo/<task>.jsonl, relative to the clone
+    assert len(files) == 3 and all(f.startswith("data/demo/") for f in files)
+    for f in files:
+        assert len((fresh_clone / f).read_text().splitlines()) == 12
+        assert f in out.err  # the log says what was generated
+    assert "AP  =" in out.out
+
+
+def test_demo_data_that_cannot_be_generated_names_the_file_and_how_to_create_it(
+    fresh_clone, data_dir, monkeypatch, capsys
+):
+    def no_package() -> list[dict[str, str]]:
+        raise ImportError("No module named 'countryinfo'")
+
+    monkeypatch.setitem(demo_data.BUILDERS, "capitals", no_package)
+    assert main(["train", TINY]) == 2
+    err = capsys.readouterr().err
+    assert "data/demo/capitals.jsonl does not exist" in err and "countryinfo" in err
+    assert "CLTUNE_DATA_DIR=data cltune demo --data-only" in err
+    assert not (data_dir / "runs").exists()  # nothing ran
+
+
+def test_a_missing_file_outside_the_demo_is_named_and_never_generated(fresh_clone, capsys):
+    assert main(["train", TINY, "tasks=[{name: capitals, train: mine/capitals.jsonl}]"]) == 2
+    assert "mine/capitals.jsonl: cannot open" in capsys.readouterr().err
+    assert not (fresh_clone / "mine").exists()
 
 
 def test_eval_matrix_prints_metrics_json(tmp_path, capsys):

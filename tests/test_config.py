@@ -179,3 +179,17 @@ def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_configs_are_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert len(cfg.tasks) == 3
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("model", "seed", 2**70),
+        ("model", "seed", -1),
+        ("lora", "layers_to_transform", [-1]),
+        ("lora", "target_modules", []),
+        ("lora", "target_modules", [""]),
+    ],
+)
+def test_model_and_lora_fields_are_bounded(section, field, value):
+    assert f"{section}.{field}" in " ".join(errors_of({"tasks": [TASK], section: {field: value}}))

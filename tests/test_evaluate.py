@@ -17,10 +17,10 @@ from cltune.evaluate import (
     format_matrix,
     generate,
     rouge_l,
-    save_heatmap,
     score_task,
 )
 from cltune.methods.common import attach_adapter, peft_lora_config
+from cltune.plots import save_heatmap
 
 # Row t: scores after training tasks 1..t; row 0: the untrained model. T = 3.
 R3 = [
@@ -99,6 +99,27 @@ def test_exact_match_normalises_case_punctuation_and_spaces(pred, ref, score):
 @pytest.mark.parametrize(
     ("pred", "ref", "score"),
     [
+        ("-3", "3", 0.0),  # a leading minus is part of the number
+        ("3.5", "35", 0.0),  # punctuation inside a token is kept
+        ("1,000", "1000", 0.0),
+        ("Paris.", "paris", 1.0),  # punctuation at a token's edges is dropped
+        ('"Tirana"', "Tirana", 1.0),
+        ("\u201cTirana\u201d", "tirana", 1.0),  # typographic quotes too
+        ("(-3).", "-3", 1.0),
+        ("  quatre cent trente ", "quatre cent trente", 1.0),
+        ("soixante-dix", "soixante-dix", 1.0),
+        ("soixante dix", "soixante-dix", 0.0),
+        ("It is -3.5!", "it is -3.5", 1.0),
+        ("a - b", "a b", 1.0),  # a token of punctuation only disappears
+    ],
+)
+def test_exact_match_strips_punctuation_only_at_token_edges_and_keeps_signs(pred, ref, score):
+    assert exact_match(pred, ref) == score
+
+
+@pytest.mark.parametrize(
+    ("pred", "ref", "score"),
+    [
         ("B) because it is", "B", 1.0),
         ("Answer: C", "C", 1.0),  # the 'A' of 'Answer' is not a standalone letter
         ("A", "B", 0.0),
@@ -108,6 +129,35 @@ def test_exact_match_normalises_case_punctuation_and_spaces(pred, ref, score):
 )
 def test_choice_takes_the_first_standalone_letter(pred, ref, score):
     assert choice(pred, ref) == score
+
+
+@pytest.mark.parametrize(
+    ("pred", "letter"),
+    [
+        ("B", "B"),
+        ("(C) Paris", "C"),
+        ("The answer is D.", "D"),
+        ("Answer: B", "B"),
+        ("the correct option is (C)", "C"),
+        ("A good answer is B", "B"),  # 'A' as an article is not an option
+        ("A) cats", "A"),
+        ("A. cats", "A"),
+        ("B: dogs", "B"),
+        ("A", "A"),
+        ("A is correct", "A"),  # 'A is' is no article
+        ("I would pick C because", "C"),
+        ("A cat, then D)", "D"),
+        ("a", "A"),  # a lone letter in any case is an answer ...
+        ("(b)", "B"),
+        ("a cat", None),  # ... but a lower-case letter inside text is a word
+        ("A dog barks", None),
+        ("Dogs", None),
+        ("", None),
+    ],
+)
+def test_choice_prefers_explicit_option_forms_and_skips_the_article_a(pred, letter):
+    for ref in "ABCD":
+        assert choice(pred, ref) == float(letter == ref), (pred, ref)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""DESIGN.md's import rules, checked on the source (AST), transitively through project modules:
+"""The import rules of docs/architecture.md, checked on the source (AST), transitively through project modules:
 the library `cltune` never imports `service` or FastAPI; the API never imports the worker or the runner."""
 
 from __future__ import annotations

@@ -188,6 +188,10 @@ def test_warmup_longer_than_training_still_reaches_full_lr():
 
 
 def test_total_steps_from_epochs_rounds_up():
-    assert total_steps(TrainConfig(epochs=2, batch_size=4, grad_accum=2), 20) == 5
+    assert total_steps(TrainConfig(steps=None, epochs=2, batch_size=4, grad_accum=2), 20) == 5
     assert total_steps(TrainConfig(steps=7, epochs=100), 20) == 7
-    assert total_steps(TrainConfig(epochs=0.01), 3) == 1
+    assert total_steps(TrainConfig(steps=None, epochs=0.01), 3) == 1
+    # steps: auto is bounded by max_epochs and max_steps; without a validation split it trains `epochs`
+    assert total_steps(TrainConfig(max_epochs=3, batch_size=4), 20) == 15
+    assert total_steps(TrainConfig(max_epochs=3, max_steps=10, batch_size=4), 20) == 10
+    assert total_steps(TrainConfig(epochs=2, batch_size=4), 20, early_stopping=False) == 10

@@ -13,6 +13,7 @@ and serves / registers the peft adapter named `method.serve_adapter`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from cltune.data import Example
 
 STATE_TENSORS = "method_state.safetensors"
 STATE_META = "method_state.json"
+# state meta key: example_sha256 of each example an unlearning task forgot (the sequence collects them)
+FORGOTTEN_EXAMPLES = "forgotten_examples_sha256"
 
 
 @dataclass
@@ -75,10 +78,38 @@ class TaskContext:
     log: Any = None  # callable(message, **data) for job events; None: silent
     rank: int = 0  # data-parallel runs: this process's rank of `world`; a batch holds its share only
     world: int = 1
+    # A sequence that mixes methods: this method's state from its last task in the run (None: its
+    # first task), kept across other methods' tasks, and the sha256 of the token ids of every example
+    # unlearned earlier in the run (example_sha256), so replayed or stored copies can be dropped.
+    own_state: MethodState | None = None
+    forgotten: frozenset[str] = frozenset()
 
     def emit(self, message: str, **data: Any) -> None:
         if self.log is not None:
             self.log(message, **data)
+
+
+def own_state(name: str, task: TaskContext, state: MethodState | None) -> MethodState | None:
+    """The state method `name` left after its last task: the previous task's `state` when that task
+    was this method's, else the one the sequence kept across other methods' tasks (`task.own_state`)."""
+    if state is not None and state.meta.get("method") == name:
+        return state
+    return task.own_state
+
+
+def continues_other(name: str, state: MethodState | None) -> str | None:
+    """The adapter another method's task served just before this one (None: no task before, or the
+    previous task was this method's): the weights this task must continue from."""
+    if state is None or state.meta.get("method") in (None, name):
+        return None
+    adapter = state.meta.get("serve_adapter")
+    return str(adapter) if adapter else None
+
+
+def example_sha256(item: dict[str, Any]) -> str:
+    """Fingerprint of one tokenised example (its input ids), never its content: lets a method find
+    and drop its copies of an example that was unlearned."""
+    return hashlib.sha256(",".join(map(str, item["input_ids"])).encode()).hexdigest()
 
 
 @runtime_checkable

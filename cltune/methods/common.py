@@ -4,7 +4,7 @@ trainable-parameter listing, tensor pairing across adapters, EMA, the causal-LM 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from cltune.config import LoraConfig
+from cltune.data import collate
 from cltune.methods.base import LossOutput
 from cltune.models import unwrap
 
@@ -191,3 +192,31 @@ def preserved_training_state(model: Any) -> Iterator[None]:
         for p, f in flags:
             p.requires_grad_(f)
         model.train(was_training)
+
+
+@contextmanager
+def using_adapter(model: Any, adapter: str | None) -> Iterator[None]:
+    """Eval mode with `adapter` active (None: the base model, adapters disabled); afterwards the
+    active adapter, requires_grad flags and train/eval mode are as they were."""
+    is_peft = isinstance(model, PeftModel)
+    with preserved_training_state(model):
+        model.eval()
+        if is_peft and adapter is not None:
+            model.set_adapter(adapter)
+        with model.disable_adapter() if is_peft and adapter is None else nullcontext():
+            yield
+
+
+@torch.no_grad()
+def mean_answer_ce(
+    model: nn.Module, items: list[dict[str, Any]], pad_id: int, device: Any, batch_size: int = 16
+) -> float:
+    """Cross-entropy per labelled token over tokenised `items` ({input_ids, labels}), in the model's
+    current mode and adapter; exp() of it is the perplexity."""
+    total, count = 0.0, 0
+    for s in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[s : s + batch_size], pad_id).items()}
+        out = answer_logits(model, batch)
+        total += out.ce().item() * len(out.targets)
+        count += len(out.targets)
+    return total / max(count, 1)

@@ -29,7 +29,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from cltune.errors import ConfigError
-from cltune.methods.base import LossOutput, MethodState, TaskContext
+from cltune.methods.base import LossOutput, MethodState, TaskContext, continues_other, own_state
 from cltune.methods.common import (
     adapter_parameters,
     adapter_state,
@@ -170,6 +170,9 @@ def unwrap_layers(model: nn.Module) -> int:
 class ControlLlm:
     name: ClassVar[str] = "control_llm"
     Params: ClassVar[type[BaseModel]] = ControlLlmParams
+    # trained as the two-pass interpolation, served as the merged-back LoRA: the sequence measures the
+    # gap between the two per task (cltune.served) and scores R with the served form
+    approximate_serving: ClassVar[bool] = True
 
     def __init__(self, params: ControlLlmParams | None = None) -> None:
         self.params = params or ControlLlmParams()
@@ -238,10 +241,12 @@ class ControlLlm:
         base: Any = model.get_base_model()
         hidden = int(base.config.hidden_size)  # H
         self._init_weights(k, hidden, task.device)
-        ours = state is not None and state.meta.get("method") == self.name
-        if ours:
-            assert state is not None
-            self._load_task_state(model, state)
+        own = own_state(self.name, task, state)  # Control-LLM's last task, maybe before other methods'
+        ours = own is not None
+        if own is not None:
+            # another method's task trained the served (merged-back) adapter in place, e.g. unlearned it:
+            # continue from those weights, unscaled, rather than from the older unscaled copy
+            self._load_task_state(model, own, from_served=continues_other(self.name, state) == ADAPTER)
         model.set_adapter(ADAPTER)
         for pos, idx in enumerate(self.layers):
             layer = decoder_layers(model)[idx]
@@ -264,8 +269,9 @@ class ControlLlm:
         self.gate_b = nn.Parameter(torch.full((k,), p.init_logit, device=device))
         self.w_sum, self.w_count = torch.zeros(k), torch.zeros(k)
 
-    def _load_task_state(self, model: PeftModel, state: MethodState) -> None:
-        """Continue from the previous task: unscaled training weights and the interpolation weights."""
+    def _load_task_state(self, model: PeftModel, state: MethodState, from_served: bool = False) -> None:
+        """Continue from Control-LLM's last task: unscaled training weights and the interpolation
+        weights. from_served: the unscaled weights are the adapter's current (served) ones divided by w."""
         if state.meta.get("layers") != self.layers:
             raise ConfigError(
                 f"control_llm: the previous task expanded layers {state.meta.get('layers')}, "
@@ -275,7 +281,9 @@ class ControlLlm:
         tensors = {
             k.removeprefix("adapter."): v for k, v in state.tensors.items() if k.startswith("adapter.")
         }
-        if tensors:
+        if from_served:
+            self._scale_served(model, [1.0 / w for w in state.meta["w"]])
+        elif tensors:
             load_adapter_state(model, ADAPTER, tensors)
         with torch.no_grad():
             for name in ("f", "gate_w", "gate_b"):
@@ -321,17 +329,15 @@ class ControlLlm:
         w = self.serving_w()
         tensors = {f"adapter.{k}": v for k, v in adapter_state(model, ADAPTER).items()}
         tensors.update(self._own_tensors())
-        layers = decoder_layers(model)
-        for pos, idx in enumerate(self.layers):
-            for m in layers[idx].modules():
-                if isinstance(m, LoraLayer) and ADAPTER in m.lora_B:
-                    m.lora_B[ADAPTER].get_parameter("weight").mul_(w[pos])  # delta = B A s  ->  w * delta
+        self._scale_served(model, w)
         notes = {
             "expanded_layers": self.layers,
             "num_layers": self.num_layers,
             "merge": self.params.merge,
             "w": [round(x, 6) for x in w],
             "approximation": APPROXIMATION,
+            "served_as": f"served adapter {ADAPTER!r} (merged-back {self.params.merge}, "
+            f"w={', '.join(f'{x:.3g}' for x in w)}), not the two-pass interpolation it was trained as",
         }
         meta = {
             "method": self.name,
@@ -342,6 +348,20 @@ class ControlLlm:
         }
         task.emit(f"control_llm: served adapter = trained LoRA scaled by w={notes['w']}", w=w)
         return MethodState(tensors, meta)
+
+    @torch.no_grad()
+    def _scale_served(self, model: nn.Module, factors: list[float]) -> None:
+        """lora_B *= factors[k] on expanded layer k: delta = B A s -> factor * delta."""
+        layers = decoder_layers(model)
+        for pos, idx in enumerate(self.layers):
+            for m in layers[idx].modules():
+                if isinstance(m, LoraLayer) and ADAPTER in m.lora_B:
+                    m.lora_B[ADAPTER].get_parameter("weight").mul_(factors[pos])
+
+    def after_restore(self, model: nn.Module) -> None:
+        """A finished task restored from disk (its served tensors loaded): drop the two-pass wrappers
+        `prepare` installed, so the model is in the served form after_task leaves."""
+        unwrap_layers(model)
 
     def _own_tensors(self) -> dict[str, torch.Tensor]:
         assert self.f is not None and self.gate_w is not None and self.gate_b is not None

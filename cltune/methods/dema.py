@@ -13,6 +13,11 @@
 
 alpha is not scale-invariant (a c grows ~N^2, 1 + b ~N), so on small tensors it nearly always falls
 back; the fraction of fallbacks is logged per task (METHODS.md section 2).
+
+Mixed with other methods: the groups come back from DEMA's last task (`TaskContext.own_state`), but a
+group adapter the model holds keeps its current weights, so an unlearning task (which unlearns the
+served group in place) is not undone; that group is marked `unlearned`. The other groups are not
+unlearned: a warning names them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import nn
 
 from cltune.config import LoraConfig
 from cltune.grouping import Decision, decide, subsample
-from cltune.methods.base import LossOutput, MethodState, TaskContext
+from cltune.methods.base import FORGOTTEN_EXAMPLES, LossOutput, MethodState, TaskContext, own_state
 from cltune.methods.common import (
     adapter_parameters,
     adapter_state,
@@ -104,14 +109,17 @@ class Dema:
 
     def prepare(self, model: nn.Module, task: TaskContext, state: MethodState | None) -> nn.Module:
         recent = _recent_adapter(model, state)
-        own = state is not None and state.meta.get("method") == self.name
-        self.groups = [dict(g) for g in state.meta.get("groups", [])] if own and state else []
+        own = own_state(self.name, task, state)  # DEMA's last task, maybe before other methods' tasks
+        self.groups = [dict(g) for g in own.meta.get("groups", [])] if own is not None else []
         for g in self.groups:  # a new process: put every group's adapter back from the saved state
+            # An adapter the model holds is never reloaded: another method's task since DEMA's last one
+            # may have changed it (an unlearning task unlearns the served group in place).
             if not (isinstance(model, PeftModel) and g["adapter"] in model.peft_config):
                 model = attach_adapter(
                     model, g["adapter"], peft_lora_config(LoraConfig.model_validate(g["lora"]))
                 )
-                load_adapter_state(model, g["adapter"], _part(state, g["adapter"]))
+                load_adapter_state(model, g["adapter"], _part(own, g["adapter"]))
+        self._note_unlearning(state, task)
         instructions = [ex.instruction for ex in task.examples]
         self.decision = self._decide(instructions)
         if self.decision.action == "retrain":
@@ -149,6 +157,24 @@ class Dema:
             dema_on=self.dema_on,
         )
         return model
+
+    def _note_unlearning(self, state: MethodState | None, task: TaskContext) -> None:
+        """After an unlearning task: mark the group it unlearned (the adapter it trained in place) and
+        warn that the other groups were not unlearned (routing may still send a prompt to them)."""
+        if state is None or not state.meta.get(FORGOTTEN_EXAMPLES):
+            return
+        done = [g for g in self.groups if g["adapter"] == state.meta.get("serve_adapter")]
+        for g in done:
+            g["unlearned"] = [*g.get("unlearned", []), *(r["task"] for r in _forgotten_records(state))]
+        others = [g["name"] for g in self.groups if g not in done]
+        if others:
+            task.emit(
+                f"dema: the unlearning task before this one unlearned "
+                f"{done[0]['name'] if done else 'no group'!r}, not groups {others}: prompts routed to "
+                "them may still recall the forget set",
+                level="warning",
+                not_unlearned=others,
+            )
 
     def _decide(self, instructions: list[str]) -> Decision:
         if not self.groups:
@@ -288,6 +314,12 @@ def _init_from(model: nn.Module, src: str | None, dst: str) -> bool:
     for s, d in pairs:
         d.copy_(s)
     return True
+
+
+def _forgotten_records(state: MethodState) -> list[dict[str, Any]]:
+    """The newest `forgotten` record of an unlearning task's notes (the task it was), as a list."""
+    records = state.meta.get("notes", {}).get("forgotten") or []
+    return records[-1:] if isinstance(records, list) else []
 
 
 def _part(state: MethodState | None, adapter: str) -> dict[str, torch.Tensor]:

@@ -9,6 +9,11 @@ step; replayed examples from earlier tasks tie the fast learner's hidden states 
 Fixed here against the reference: the EMA pairs tensors per LoraLayer (the reference matched names
 that never match, so its slow adapter never moved), replay batches pad labels with -100 and carry an
 attention mask, and "first task" means "the buffer held nothing when the task started".
+
+In a sequence that mixes methods, the buffer and step counter come back from I-LoRA's last task
+(`TaskContext.own_state`), but both adapters start from what the previous task served when another
+method trained it (after an unlearning task: the unlearned adapter), and buffered copies of unlearned
+examples (`TaskContext.forgotten`) are dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from cltune.data import ReplayBuffer, collate
-from cltune.methods.base import LossOutput, MethodState, TaskContext
+from cltune.errors import ConfigError
+from cltune.methods.base import (
+    LossOutput,
+    MethodState,
+    TaskContext,
+    continues_other,
+    example_sha256,
+    own_state,
+)
 from cltune.methods.common import (
     adapter_parameters,
     adapter_state,
@@ -94,6 +107,16 @@ def encode_buffer(buf: ReplayBuffer) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, meta
 
 
+def drop_examples(buf: ReplayBuffer, fingerprints: frozenset[str]) -> int:
+    """Remove the buffered copies of examples whose example_sha256 is in `fingerprints` (unlearned).
+    Returns how many were removed. n_seen is kept: later reservoir draws stay uniform over the stream."""
+    if not fingerprints:
+        return 0
+    keep = [x for x in buf.items if example_sha256(x) not in fingerprints]
+    dropped, buf.items = len(buf.items) - len(keep), keep
+    return dropped
+
+
 def decode_buffer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ReplayBuffer:
     lengths = tensors["buffer.lengths"].tolist()
     ids, labels = tensors["buffer.input_ids"].tolist(), tensors["buffer.labels"].tolist()
@@ -124,22 +147,60 @@ class ILora:
         fresh_slow = not (isinstance(model, PeftModel) and SLOW in model.peft_config)
         model = attach_adapter(model, FAST, config)
         model = attach_adapter(model, SLOW, config)
-        if state is not None and state.meta.get("method") == self.name:
-            self._load(model, state)
-        elif fresh_slow:  # first I-LoRA task (maybe after another method): slow starts as the fast weights
+        own, other = own_state(self.name, task, state), continues_other(self.name, state)
+        if own is not None:  # buffer, step counter (the EMA warm-up) and replay flag survive other tasks
+            self.load_state_dict(own)
+        # after another method's task: fast and slow = what it served (e.g. the unlearned adapter)
+        continued = other is not None and self._continue_from(model, other, task)
+        if not continued and own is not None:
+            self._load_adapters(model, own)
+        elif not continued and fresh_slow:  # first I-LoRA task: slow starts as the fast weights
             copy_adapter(model, FAST, SLOW)
+        dropped = drop_examples(self.buffer, task.forgotten)
         model.set_adapter(FAST)
         only_train(model, self.trainable_parameters(model))
         self._pairs = paired_lora_tensors(model, FAST, SLOW)  # walked once, not per step
         self._task = task
         self.replay = len(self.buffer) > 0
         task.emit(
-            f"ilora: replay {'on' if self.replay else 'off'}, buffer {len(self.buffer)}/{self.buffer.capacity}",
+            f"ilora: replay {'on' if self.replay else 'off'}, "
+            f"buffer {len(self.buffer)}/{self.buffer.capacity}"
+            + (f" ({dropped} unlearned examples dropped)" if dropped else ""),
             buffer=len(self.buffer),
             n_seen=self.buffer.n_seen,
             replay=self.replay,
+            dropped=dropped,
         )
         return model
+
+    def _continue_from(self, model: PeftModel, source: str, task: TaskContext) -> bool:
+        """Start fast AND slow from adapter `source`, which another method's task served last (its
+        weights, not I-LoRA's older copies: an unlearning task must not be undone by the EMA pulling the
+        slow adapter back to a fast one that never unlearned). Returns False when `source` cannot be
+        copied (another target set or rank); refuses then if examples were unlearned in the run."""
+        if source in (FAST, SLOW):
+            copy_adapter(model, source, SLOW if source == FAST else FAST)
+            return True
+        pairs = [paired_lora_tensors(model, source, dst) for dst in (FAST, SLOW)]
+        n_own = len(adapter_parameters(model, FAST))
+        if source in model.peft_config and all(
+            len(p) == n_own and all(s.shape == d.shape for s, d in p) for p in pairs
+        ):
+            copy_adapter(model, source, FAST)
+            copy_adapter(model, source, SLOW)
+            return True
+        if task.forgotten:
+            raise ConfigError(
+                f"ilora: task {task.name!r} cannot continue from adapter {source!r} (another rank or "
+                "target set), and its own older adapters would bring back what was unlearned; use the "
+                "same lora config for every task",
+                errors=[{"task": task.name, "adapter": source}],
+            )
+        task.emit(
+            f"ilora: adapter {source!r} of the previous task has another shape; continuing from I-LoRA's own",
+            level="warning",
+        )
+        return False
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return adapter_parameters(model, FAST)  # never the slow adapter: it moves only by EMA
@@ -234,9 +295,8 @@ class ILora:
             self.buffer.capacity = self.params.buffer_size
             self.buffer.items = self.buffer.items[: self.params.buffer_size]
 
-    def _load(self, model: PeftModel, state: MethodState) -> None:
-        """Restore buffer, counter and both adapters from the previous task's after_task state."""
-        self.load_state_dict(state)
+    def _load_adapters(self, model: PeftModel, state: MethodState) -> None:
+        """Restore both adapters from I-LoRA's last after_task state."""
         for prefix, adapter in (("fast.", FAST), ("slow.", SLOW)):
             part = {k[len(prefix) :]: v for k, v in state.tensors.items() if k.startswith(prefix)}
             if part:

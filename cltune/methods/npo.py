@@ -31,7 +31,13 @@ from torch import nn
 
 from cltune.data import collate
 from cltune.errors import ConfigError
-from cltune.methods.base import LossOutput, MethodState, TaskContext
+from cltune.methods.base import (
+    FORGOTTEN_EXAMPLES,
+    LossOutput,
+    MethodState,
+    TaskContext,
+    example_sha256,
+)
 from cltune.methods.common import (
     adapter_parameters,
     answer_logits,
@@ -113,6 +119,12 @@ def _source_adapter(model: nn.Module, state: MethodState | None) -> str | None:
     return active if isinstance(active, str) else None
 
 
+def _lineage(state: MethodState | None) -> list[dict[str, Any]]:
+    """The `forgotten` records an earlier unlearning task left in `state`'s notes ([] if none)."""
+    prev = state.meta.get("notes", {}).get("forgotten") if state is not None else None
+    return list(prev) if isinstance(prev, list) else []
+
+
 # ---------------------------------------------------------------- the method
 
 
@@ -160,8 +172,7 @@ class Npo:
         self._gen = torch.Generator().manual_seed(task.train_cfg.seed + 7919 * task.index + 1)
         # pi_ref on the forget set is a constant per example: once here, never per step.
         self._ref_nll = dataset_nll(model, task.train, task.pad_id, task.device, task.train_cfg.batch_size)
-        prev = state.meta.get("notes", {}).get("forgotten") if state is not None else None
-        self._prior = list(prev) if isinstance(prev, list) else []
+        self._prior = _lineage(state) or _lineage(task.own_state)  # the previous task may be another method's
         task.emit(
             f"{self.name}: unlearning {len(task.train)} examples from "
             f"{'the base model' if self._from_base else 'adapter ' + repr(source)}",
@@ -256,6 +267,9 @@ class Npo:
                 "method": self.name,
                 "serve_adapter": self.serve_adapter,
                 "notes": {"forgotten": [*self._prior, record]},
+                # per-example fingerprints (token ids, never content; not in the record's notes): later
+                # tasks drop their stored copies of these examples (I-LoRA's replay buffer)
+                FORGOTTEN_EXAMPLES: sorted({example_sha256(x) for x in task.train}),
             }
         )
 

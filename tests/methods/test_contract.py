@@ -1,7 +1,7 @@
-"""The contract every registered method keeps (STYLE.md rule 10), run over METHODS as found at run time:
-two tasks of prepare -> 3 steps -> after_task -> Registry.save, and after each one
-PeftModel.from_pretrained(fresh base, saved dir) gives the served adapter's logits; the frozen base
-weights stay bit-identical; the method state survives a save/load round trip."""
+"""The contract every registered method keeps (docs/architecture.md, the Method protocol), run over
+METHODS as found at run time: two tasks of prepare -> 3 steps -> after_task -> Registry.save, and after
+each one PeftModel.from_pretrained(fresh base, saved dir) gives the served adapter's logits; the frozen
+base weights stay bit-identical; the method state survives a save/load round trip."""
 
 from __future__ import annotations
 

@@ -139,6 +139,67 @@ def test_divergence_averages_over_non_padding_positions_only(tiny4):
     assert d2 == pytest.approx(d1, rel=1e-5)
 
 
+def _ce_and_divergence_oracle(model, m, batch):
+    """CE and the per-layer divergence written out: forward hooks on the expanded layers recompute the
+    frozen (LoRA off) and adapted passes from the layer's input; each layer's value is the mean of
+    (h_e - h_p)^2 over features and real (unpadded) positions. Returns (ce, [per-layer divergence])."""
+    mask = batch["attention_mask"].float()
+    per_layer = []
+
+    def hook(layer, args, kwargs, output):
+        wrapper = layer.__dict__["forward"]
+        h, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        for lora in wrapper.loras:
+            lora._disable_adapters = True
+        try:
+            h_p = wrapper.inner(h, *rest, **kwargs)
+        finally:
+            for lora in wrapper.loras:
+                lora._disable_adapters = False
+        h_e = wrapper.inner(h, *rest, **kwargs)
+        h_p, h_e = (x[0] if isinstance(x, tuple) else x for x in (h_p, h_e))
+        per_layer.append((((h_e - h_p) ** 2).mean(-1) * mask).sum() / mask.sum())
+
+    layers = decoder_layers(model)
+    handles = [layers[i].register_forward_hook(hook, with_kwargs=True) for i in m.layers]
+    try:
+        keys = ("input_ids", "attention_mask", "labels")
+        ce = model(**{k: batch[k] for k in keys}, use_cache=False).loss
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ce, per_layer
+
+
+def test_loss_adds_weight_times_divergence_averaged_over_the_expanded_layers_with_its_gradient(tiny4):
+    weight = 20.0  # large enough for the divergence to be a tenth of the loss
+    m = ControlLlm(ControlLlmParams(num_expanded=2, divergence_weight=weight))
+    task = _task(tiny4)
+    model = m.prepare(tiny4.model, task, None)
+    _randomise_b(model)
+    model.eval()  # no dropout: the oracle's forward must see the same network
+    batch = collate(task.train[8:12], task.pad_id)  # "add one to 8" ... "11": different lengths
+    assert (batch["attention_mask"] == 0).any()  # padded rows: the divergence averages real tokens only
+    params = m.trainable_parameters(model)
+    out = m.loss(model, batch)
+    got = torch.autograd.grad(out.total, params)
+    ce, per_layer = _ce_and_divergence_oracle(model, m, batch)
+    assert len(per_layer) == 2 and min(d.item() for d in per_layer) > 0
+    div = (per_layer[0] + per_layer[1]) / 2  # the mean over the K = 2 expanded layers, not their sum
+    expected = ce + weight * div
+    assert weight * div.item() > 0.05 * ce.item()
+    assert out.parts["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    assert out.parts["divergence"] == pytest.approx(div.item(), rel=1e-5)
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    want = torch.autograd.grad(expected, params, retain_graph=True)
+    g_ce = torch.autograd.grad(ce, params)
+    assert (
+        sum((a - b).norm() for a, b in zip(want, g_ce, strict=True)) > 1e-3
+    )  # the divergence has a gradient
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_generation_through_wrapped_layers_matches_generation_without_cache(tiny4):
     m = ControlLlm(ControlLlmParams(num_expanded=2))
     model = m.prepare(tiny4.model, _task(tiny4), None)

@@ -1,4 +1,4 @@
-"""DEMA invariants (METHODS.md section 2): the dynamic alpha, its fallback, served == EMA, grouping."""
+"""DEMA invariants (docs/methods.md section 2): the dynamic alpha, its fallback, served == EMA, grouping."""
 
 from __future__ import annotations
 

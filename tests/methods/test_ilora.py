@@ -92,6 +92,69 @@ def test_consistency_loss_ignores_padding_positions():
     assert consistency_loss(h_fast, h_slow, mask).item() == pytest.approx(1.0)  # mean of (0 - 1)^2
 
 
+def test_consistency_loss_pulls_up_only_where_fast_is_below_slow_by_hand():
+    # 2 layers, B=1, T=3 (the last position is padding), H=2
+    h_fast = [
+        torch.tensor([[[0.0, 3.0], [1.0, -1.0], [5.0, 5.0]]], requires_grad=True),
+        torch.tensor([[[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]], requires_grad=True),
+    ]
+    h_slow = [
+        torch.tensor([[[2.0, 1.0], [1.0, 0.0], [-9.0, 9.0]]], requires_grad=True),
+        torch.tensor([[[0.0, 4.0], [-1.0, -1.0], [7.0, 7.0]]], requires_grad=True),
+    ]
+    mask = torch.tensor([[1, 1, 0]])
+    # h_f - max(h_f, h_s) on real positions: layer 1 [[-2, 0], [0, -1]], layer 2 [[0, -3], [0, 0]]
+    # squares 4 + 1 + 9 = 14 over 2 positions x 2 features x 2 layers = 8
+    loss = consistency_loss(h_fast, h_slow, mask)
+    assert loss.item() == pytest.approx(14 / 8)
+    loss.backward()
+    # d/dh_f = 2 (h_f - max) / 8 where h_f < h_s, else 0; the target gets no gradient
+    torch.testing.assert_close(h_fast[0].grad, torch.tensor([[[-0.5, 0.0], [0.0, -0.25], [0.0, 0.0]]]))
+    torch.testing.assert_close(h_fast[1].grad, torch.tensor([[[0.0, -0.75], [0.0, 0.0], [0.0, 0.0]]]))
+    assert all(h.grad is None or not h.grad.any() for h in h_slow)
+
+
+def test_ilora_loss_value_and_gradient_are_mean_ce_plus_gamma_times_consistency(tiny):
+    model, state = _after_first_task(tiny)
+    gamma = 50.0
+    m = ILora(ILoraParams(gamma=gamma))
+    t1 = _task(tiny, TASK_B, index=1)
+    model = m.prepare(model, t1, state)
+    _randomise(model, SLOW, 5)  # the slow learner away from the fast one: L_cons matters
+    model.eval()  # no dropout: the oracle's separate forwards must see the same network
+    current = collate(t1.train[:4], t1.pad_id)
+    rng_state = m.buffer._rng.getstate()
+    replay = collate(m.buffer.sample(4), t1.pad_id)
+    m.buffer._rng.setstate(rng_state)  # loss() draws the same replay batch
+    params = m.trainable_parameters(model)
+    out = m.loss(model, current)
+    got = torch.autograd.grad(out.total, params)
+
+    def forward(b):
+        keys = ("input_ids", "attention_mask", "labels")
+        return model(**{k: b[k] for k in keys}, output_hidden_states=True)
+
+    fc, fr = forward(current), forward(replay)
+    h_fast, h_slow = fr.hidden_states[1:], m.slow_hidden_states(model, replay)
+    mask = replay["attention_mask"].unsqueeze(-1).float()
+    sq = sum(
+        ((hf - torch.maximum(hf, hs)).pow(2) * mask).sum() for hf, hs in zip(h_fast, h_slow, strict=True)
+    )
+    l_cons = sq / (mask.sum() * h_fast[0].shape[-1] * len(h_fast))
+    ce = (fc.loss + fr.loss) / 2
+    expected = ce + gamma * l_cons
+    assert gamma * l_cons.item() > 0.05 * ce.item()  # the consistency term is not lost in rounding
+    assert out.parts["l_cons"] == pytest.approx(l_cons.item(), rel=1e-4)
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    want = torch.autograd.grad(expected, params, retain_graph=True)
+    g_ce = torch.autograd.grad(ce, params)
+    assert (
+        sum((a - b).norm() for a, b in zip(want, g_ce, strict=True)) > 1e-3
+    )  # L_cons moves the fast adapter
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_slow_forward_keeps_only_the_fast_adapter_trainable(tiny):
     m = ILora()
     model = m.prepare(tiny.model, _task(tiny, TASK_A), None)

@@ -1,4 +1,4 @@
-"""KappaTune invariants (METHODS.md section 4): ranking by condition number, exclusions, the base
+"""KappaTune invariants (docs/methods.md section 4): ranking by condition number, exclusions, the base
 weights of a wrapped model, caching per weights, rank matching, the selection stored with the adapter."""
 
 from __future__ import annotations

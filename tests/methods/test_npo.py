@@ -212,6 +212,74 @@ def test_npo_kl_reference_is_the_starting_model_not_the_base(tiny, start):
     assert (now - start_logits).abs().max() > 1e-3  # training moved the adapter; the reference did not
 
 
+def _answer_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] logits -> [N, V] at the positions that predict an answer token."""
+    return logits[:, :-1][labels[:, 1:] != -100]
+
+
+@pytest.mark.parametrize("start", ["base", "adapter"])
+def test_npo_kl_reference_is_the_adapter_at_the_start_not_the_live_one(tiny, start):
+    model, state = trained_start(tiny) if start == "adapter" else (tiny.model, None)
+    task = make_task(tiny, TASK_A, lora=NO_DROPOUT, retain=TASK_B)
+    beta, weight = 0.5, 2.0
+    method = build_method("npo_kl", {"beta": beta, "retain_weight": weight})
+    model = method.prepare(model, task, state)
+    model.eval()
+    idx = torch.randint(
+        len(task.retain), (4,), generator=torch.Generator().set_state(method._gen.get_state())
+    )
+    rb = collate([task.retain[i] for i in idx.tolist()], task.pad_id)  # the retain batch loss() draws
+    batch = forget_batch(tiny, task)
+
+    def logits(b):
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+    with torch.no_grad():  # pi_ref: the model at the start
+        ref_logp = torch.log_softmax(_answer_positions(logits(rb), rb["labels"]), -1)
+        ref_nll = sequence_nll(logits(batch), batch["labels"])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # theta moves away from the start, as after some unlearning steps
+        for p in method.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    out = method.loss(model, batch)
+    logp = torch.log_softmax(_answer_positions(logits(rb), rb["labels"]), -1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()  # KL(pi_ref || pi_theta), token mean
+    npo = -(2 / beta) * torch.nn.functional.logsigmoid(
+        beta * (sequence_nll(logits(batch), batch["labels"]) - ref_nll)
+    )
+    expected = npo.mean() + weight * kl
+    assert kl.item() > 0.01
+    assert out.parts["kl_retain"] == pytest.approx(kl.item(), rel=1e-4)
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    params = method.trainable_parameters(model)
+    for a, b in zip(
+        torch.autograd.grad(out.total, params), torch.autograd.grad(expected, params), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_npo_reference_nll_is_computed_in_eval_mode_without_dropout(tiny):
+    dropout = LoraConfig(r=4, alpha=8, dropout=0.5)
+    task = make_task(tiny, TASK_A, lora=dropout)
+    model = SeqLora().prepare(tiny.model, task, None)  # a starting adapter whose LoRA dropout matters
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "default"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    everything = collate(task.train, task.pad_id)
+    model.eval()
+    with torch.no_grad():
+        expected = sequence_nll(
+            model(input_ids=everything["input_ids"], attention_mask=everything["attention_mask"]).logits,
+            everything["labels"],
+        )
+    model.train()  # prepare is called on a model in training mode
+    method = build_method("npo")
+    model = method.prepare(model, task, MethodState(meta={"method": "seq_lora", "serve_adapter": "default"}))
+    assert model.training  # and leaves it so
+    torch.testing.assert_close(method._ref_nll, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_npo_rt_without_a_retain_set_is_a_config_error(tiny):
     with pytest.raises(ConfigError, match="retain"):
         build_method("npo_rt").prepare(tiny.model, make_task(tiny, TASK_A), None)

@@ -209,3 +209,39 @@ def test_auth_disabled_acts_as_the_local_tenant(tmp_path: Path) -> None:
     ds = upload(api, {})
     assert api.client.get(f"/v1/datasets/{ds}").status_code == 200
     assert (api.settings.datasets_dir / "t_local").is_dir()
+
+
+def _succeed(api: Api, h: dict[str, str], result: dict) -> str:
+    """A job as a worker finishes it, with `result` as its results."""
+    engine = api.client.app.state.engine
+    job = api.client.post("/v1/jobs", json={"config": job_config(upload(api, h))}, headers=h).json()["id"]
+    assert store.claim(engine, "w1", 30).id == job
+    store.finish(engine, job, "w1", result)
+    return job
+
+
+def _result(ap: float, bwt: float) -> dict:
+    return {"tasks": ["a", "b"], "R": [[0, 0], [0.9, 0], [0.9 + bwt, ap]], "metrics": {"ap": ap, "bwt": bwt}}
+
+
+def test_summary_of_repeated_jobs_gives_intervals_and_claims_only_when_they_separate(api) -> None:
+    api, h, _ = api
+    cl = [_succeed(api, h, _result(ap, bwt)) for ap, bwt in ((0.80, -0.01), (0.82, 0.0), (0.81, -0.02))]
+    seq = [_succeed(api, h, _result(ap, bwt)) for ap, bwt in ((0.50, -0.40), (0.52, -0.42), (0.51, -0.38))]
+    r = api.client.get("/v1/jobs/summary", params={"ids": cl, "baseline": seq}, headers=h)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n"] == 3 and body["metrics"]["ap"]["mean"] == pytest.approx(0.81)
+    assert body["metrics"]["ap"]["lo"] < 0.81 < body["metrics"]["ap"]["hi"]
+    assert body["versus_baseline"] == {"ap": "better", "bwt": "better"}
+    mixed = api.client.get("/v1/jobs/summary", params={"ids": cl[:2], "baseline": [cl[2], seq[0]]}, headers=h)
+    assert mixed.json()["versus_baseline"]["ap"] == "no measurable difference"
+
+
+def test_summary_refuses_unfinished_and_unknown_jobs(api) -> None:
+    api, h, _ = api
+    queued = api.client.post("/v1/jobs", json={"config": job_config(upload(api, h))}, headers=h).json()["id"]
+    r = api.client.get("/v1/jobs/summary", params={"ids": [queued]}, headers=h)
+    assert r.status_code == 409 and "queued" in r.json()["error"]["message"]
+    assert api.client.get("/v1/jobs/summary", params={"ids": ["job_nope"]}, headers=h).status_code == 404
+    assert api.client.get("/v1/jobs/summary", headers=h).status_code == 422

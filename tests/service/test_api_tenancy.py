@@ -19,6 +19,7 @@ B_REQUESTS = {
     ("POST", "/v1/jobs"): 422,  # a config that names A's dataset: unknown dataset for B
     ("GET", "/v1/jobs"): "list",
     ("GET", "/v1/jobs/{job_id}"): 404,
+    ("GET", "/v1/jobs/summary"): 404,  # ?ids= A's job
     ("GET", "/v1/jobs/{job_id}/events"): 404,
     ("GET", "/v1/jobs/{job_id}/events/stream"): 404,
     ("POST", "/v1/jobs/{job_id}/cancel"): 404,
@@ -81,6 +82,8 @@ def test_tenant_b_cannot_list_read_download_cancel_retry_or_delete_tenant_a_reso
         path = template.format(**ids)
         if template.endswith("/retry"):
             path = template.format(job_id=ids["cancelled"])
+        if template.endswith("/summary"):
+            path += f"?ids={ids['job_id']}"
         body = {"config": job_config(ids["dataset_id"])} if template == "/v1/jobs" else BODIES.get(template)
         r = c.request(method, path, headers=b, json=body)
         if expect == "list":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -15,12 +17,23 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from cltune.config import ModelConfig, parse_config
-from cltune.errors import ConfigError
+from cltune.errors import ConfigError, ConflictError
 from cltune.models import CATALOG
-from service import store
+from cltune.stats import summarize_results
+from service import preflight, store
 from service.api.deps import EngineDep, SettingsDep, TenantDep
-from service.api.errors import with_valid_ranges
-from service.api.schemas import ErrorResponse, EventList, EventPublic, JobCreate, JobList, JobPublic
+from service.api.errors import ApiError, with_valid_ranges
+from service.api.schemas import (
+    MAX_EVENT_ID,
+    MAX_LIMIT,
+    MAX_OFFSET,
+    ErrorResponse,
+    EventList,
+    EventPublic,
+    JobCreate,
+    JobList,
+    JobPublic,
+)
 from service.datasets import DATASET_FIELDS, find_datasets
 from service.db import TERMINAL, JobStatus
 from service.settings import Settings
@@ -67,14 +80,23 @@ def resolve_config(engine: Engine, settings: Settings, tenant: str, config: dict
                 "message": f"unknown model {str(name)[:80]!r}; valid: {', '.join(sorted(CATALOG))}",
             }
         )
+    errors += preflight.non_finite(cfg)
     try:
-        resolved = parse_config(cfg).model_dump(mode="json")
+        parsed = parse_config(cfg)
+        resolved = parsed.model_dump(mode="json")
     except ConfigError as e:
-        errors += with_valid_ranges(e, cfg).details["errors"]
+        errors += [e for e in with_valid_ranges(e, cfg).details["errors"] if not _non_finite_input(e)]
+    else:
+        errors += preflight.check_job(parsed, settings)
     if errors:
         msg = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         raise ConfigError(f"invalid job config: {msg}", errors=errors)
     return resolved
+
+
+def _non_finite_input(error: dict[str, Any]) -> bool:
+    """A field error about a NaN or infinity: `preflight.non_finite` reports those once, plainly."""
+    return isinstance(error.get("input"), float) and not math.isfinite(error["input"])
 
 
 @router.post("", status_code=201, response_model=JobPublic, responses=ERRORS)
@@ -93,12 +115,48 @@ def list_jobs(
     engine: EngineDep,
     tenant: TenantDep,
     status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobList:
     """Your jobs, newest first; filter by `status`."""
     jobs, total = store.list_jobs(engine, tenant, status, limit, offset)
     return JobList(items=[JobPublic.of(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/summary", responses=ERRORS)
+def summarize_jobs(
+    engine: EngineDep,
+    tenant: TenantDep,
+    ids: Annotated[
+        list[str], Query(min_length=1, max_length=50, description="succeeded jobs: one config, several seeds")
+    ],
+    baseline: Annotated[
+        list[str] | None, Query(max_length=50, description="jobs of the method to compare against")
+    ] = None,
+) -> dict[str, Any]:
+    """Mean and 95% interval (Student t over the jobs) of AP, BWT, forgetting, FWT, each task's final
+    score and each general-ability retention, for repeated jobs of one configuration (e.g. seeds
+    0, 1, 2). With `baseline` jobs: per metric "better", "worse" or "no measurable difference"
+    (intervals that overlap make no claim)."""
+    runs, base = _results(engine, tenant, ids), _results(engine, tenant, baseline or [])
+    try:
+        return {"jobs": ids, "baseline_jobs": baseline or [], **summarize_results(runs, base or None)}
+    except ValueError as e:  # jobs of different task sequences
+        raise ConflictError(f"cannot summarise these jobs together: {e}", jobs=ids) from None
+
+
+def _results(engine: Engine, tenant: str, ids: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for job_id in ids:
+        job = store.get_job(engine, tenant, job_id)  # 404 for another tenant's job
+        if job.status != JobStatus.SUCCEEDED or not job.result or not job.result.get("metrics"):
+            raise ConflictError(
+                f"job {job_id!r} is {job.status.value}: only succeeded jobs with CL metrics can be summarised",
+                job_id=job_id,
+                status=job.status.value,
+            )
+        out.append(job.result)
+    return out
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
@@ -111,7 +169,7 @@ def list_events(
     job_id: str,
     engine: EngineDep,
     tenant: TenantDep,
-    after_id: Annotated[int, Query(ge=0)] = 0,
+    after_id: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=EVENT_PAGE)] = EVENT_PAGE,
 ) -> EventList:
     """The job's events with id > `after_id`, oldest first."""
@@ -128,13 +186,23 @@ async def stream_events(
     engine: EngineDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    after_id: Annotated[int, Query(ge=0)] = 0,
-    last_event_id: Annotated[str | None, Header(description="SSE reconnection cursor")] = None,
+    after_id: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
+    last_event_id: Annotated[
+        str | None, Header(description=f"SSE reconnection cursor: an event id 0..{MAX_EVENT_ID}")
+    ] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: each job event as `id`/`event`/`data` (JSON); a final `end` event once the job
     has finished and every event was sent. Reconnect with Last-Event-ID (or `after_id`) to resume."""
+    last = (last_event_id or "").strip()
+    if last and not (re.fullmatch(r"[0-9]{1,10}", last) and int(last) <= MAX_EVENT_ID):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"header Last-Event-ID must be an event id 0..{MAX_EVENT_ID} (as sent in `id:`), got {last[:40]!r}",
+            field="last-event-id",
+        )
     await run_in_threadpool(store.get_job, engine, tenant, job_id)  # 404 before the stream starts
-    cursor = max(after_id, int(last_event_id) if last_event_id and last_event_id.isdigit() else 0)
+    cursor = max(after_id, int(last) if last else 0)
     return StreamingResponse(
         _sse(request, engine, settings, tenant, job_id, cursor),
         media_type="text/event-stream",

@@ -41,8 +41,37 @@ ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in 
 # ---------------------------------------------------------------- wire schemas (OpenAI's field names)
 
 
+# OpenAI request fields this server does not implement, with the values that ask for nothing (clients
+# send those by default). Any other value answers 400 naming the field: never silently ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "echo": (None, False),  # completions
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+}
+ACCEPTED = {"user"}  # an end-user id for abuse tracking: nothing to do with the answer
+
+
 class _OpenAIIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=None, ...)
+    model_config = ConfigDict(extra="allow")  # checked by _check_fields: 400 naming the field
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -59,7 +88,7 @@ class CompletionCreate(_OpenAIIn):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # checked by _check_fields: 400 naming the field
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -129,6 +158,58 @@ def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, "invalid_request_error", message, param=param, code="invalid_value")
 
 
+def _unsupported(param: str, why: str) -> ApiError:
+    return ApiError(400, "invalid_request_error", why, param=param, code="unsupported_parameter")
+
+
+def _check_fields(body: _OpenAIIn) -> None:
+    """400 for a field this server does not implement (unless its value asks for nothing) or does not
+    know at all, and for message fields and content parts other than text."""
+    known = sorted({*type(body).model_fields, *ACCEPTED})
+    for name, value in (body.model_extra or {}).items():
+        if name in ACCEPTED or (name in UNSUPPORTED and value in UNSUPPORTED[name]):
+            continue
+        if name in UNSUPPORTED:
+            raise _unsupported(
+                name, f"{name} is not supported by this server (plain text generation); omit it"
+            )
+        raise _unsupported(name, f"unknown field {name[:64]!r}; this endpoint takes: {', '.join(known)}")
+    for i, m in enumerate(getattr(body, "messages", None) or []):
+        for name, value in (m.model_extra or {}).items():
+            if value is not None:
+                raise _unsupported(
+                    f"messages.{i}.{name}",
+                    f"messages.{i}.{name[:64]} is not supported; a message takes role and content",
+                )
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _unsupported(
+                    f"messages.{i}.content.{j}",
+                    f"messages.{i}.content.{j}: only text parts ({{'type': 'text', 'text': ...}}) are "
+                    f"supported, got type {str(part.get('type'))[:32]!r}",
+                )
+
+
+def _check_text(value: Any, path: str = "") -> None:
+    """400 for a string anywhere in the request that holds a lone surrogate (a JSON escape such as
+    \\ud800 without its pair): it is no character, and the tokenizer cannot encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _bad(
+                f"{path} holds a lone surrogate ({value[e.start]!r} at character {e.start}); "
+                "send valid Unicode text",
+                path,
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{path}.{i}")
+
+
 def _sampling(body: _OpenAIIn, max_tokens: int | None, limit: int) -> SamplingParams:
     if body.n not in (None, 1):
         raise _bad(f"n={body.n} is not supported: send one request per completion", "n")
@@ -155,7 +236,11 @@ async def _route(
     model: str, instruction: str, tenant: str, registry: Registry, request: Request
 ) -> tuple[Route, Engine]:
     settings: Settings = request.app.state.settings
-    params = RouterParams(backend=settings.router_backend, threshold=settings.router_threshold)
+    params = RouterParams(
+        backend=settings.router_backend,
+        threshold=settings.router_threshold,
+        fallback=settings.router_fallback,
+    )
     try:
         route = await run_in_threadpool(choose, model, instruction, registry, params)
     except (NotFoundError, InvalidNameError) as e:
@@ -215,6 +300,8 @@ async def create_completion(
 ) -> Response:
     """Text completion of `prompt` (a string, or a list: one choice per prompt) by the chosen adapter."""
     settings: Settings = request.app.state.settings
+    _check_fields(body)
+    _check_text(body.model_dump(exclude_none=True))
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or any(not p for p in prompts) or len(prompts) > settings.engine_max_batch:
         raise _bad(
@@ -266,6 +353,8 @@ async def create_chat_completion(
 ) -> Response:
     """Chat completion: the messages go through the base model's chat template; `stream` sends SSE chunks."""
     settings: Settings = request.app.state.settings
+    _check_fields(body)
+    _check_text(body.model_dump(exclude_none=True))
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if not messages:
         raise _bad("messages must not be empty", "messages")
