@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cltune.config import RunConfig, load_config
+from cltune.config import MethodConfig, RunConfig, load_config
 from cltune.errors import CLTuneError
 from cltune.evaluate import format_matrix
 from cltune.registry import Registry
@@ -130,8 +130,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     ensure_task_files(cfg)  # the config's own paths (data/demo/...), wherever CLTUNE_DATA_DIR points
-    res = run_config(cfg, Path(args.run_dir) if args.run_dir else None)
-    print_result(res)
+    for method in args.methods:
+        one = cfg.model_copy(update={"name": f"{cfg.name}-{method}", "method": MethodConfig(name=method)})
+        run_dir = Path(args.run_dir) / method if args.run_dir else None
+        print(f"\n== {method} ==")
+        print_result(run_config(one, run_dir))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -194,6 +197,12 @@ def add_library_commands(sub: Any) -> None:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--run-dir")
     p.add_argument("--data-only", action="store_true", help="only write the demo datasets")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["seq_lora", "dema"],
+        help="run the sequence once per method, side by side (default: seq_lora dema)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="score a model/adapter on a JSONL set, or compute metrics of an R matrix")

@@ -134,9 +134,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0, le=1_000_000)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     max_len: int = Field(256, ge=8, le=131_072)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # transformers' set_seed hands it to numpy (32-bit)
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: only when stopped
     eval_every: int = Field(0, ge=0)  # optimizer steps; 0: only at task end
     log_every: int = Field(1, ge=1)

@@ -282,7 +282,7 @@ def cache_kwarg(model: nn.Module) -> str:
 
 # SmolLM2-135M-Instruct's architecture, for when its converted directory (with config.json) is not cached
 # yet: layer names and counts are all that `model_structure` reads, so sizes only need to be valid.
-SMOLLM2_CONFIG = {
+SMOLLM2_CONFIG: dict[str, Any] = {
     "hidden_size": 576,
     "intermediate_size": 1536,
     "num_hidden_layers": 30,

@@ -314,7 +314,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return library.cmd_demo(args)
     from service.demo import run_demo
 
-    return run_demo(args.config, args.overrides, library.data_dir())
+    return run_demo(args.config, args.overrides, library.data_dir(), args.methods)
 
 
 def main(argv: list[str] | None = None) -> int:

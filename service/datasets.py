@@ -9,6 +9,7 @@ a row and a row never points at a missing file.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +63,24 @@ def staging_path(settings: Settings, tenant_id: str) -> tuple[str, Path]:
     """A fresh dataset id and the temporary path its upload is streamed to."""
     ds_id = new_id("ds")
     return ds_id, tenant_dir(settings, tenant_id) / f".upload-{ds_id}.jsonl"
+
+
+STALE_UPLOAD_SECONDS = 3600.0  # a staged upload not written to for this long was abandoned (a crash)
+
+
+def clean_staging(settings: Settings, older_than: float = STALE_UPLOAD_SECONDS) -> int:
+    """Remove staged uploads (.upload-ds_*.jsonl) that nothing has written to for `older_than` seconds:
+    left by a process that died mid-upload. Younger ones may still be streaming (another API process
+    shares the directory) and stay. Returns how many were removed."""
+    removed, cutoff = 0, time.time() - older_than
+    for p in settings.datasets_dir.glob("*/.upload-ds_*.jsonl"):
+        try:
+            if p.stat().st_mtime < cutoff:
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    return removed
 
 
 def publish(
@@ -149,8 +168,10 @@ def delete_dataset(engine: Engine, tenant_id: str, ds_id: str) -> Dataset:
         ConflictError: a queued or running job still reads it.
     """
     with session(engine, write=True) as s:
-        row = s.scalars(
-            select(DatasetRow).where(DatasetRow.id == ds_id, DatasetRow.tenant_id == tenant_id)
+        row = s.scalars(  # locked before the jobs are read: see store._missing_datasets
+            select(DatasetRow)
+            .where(DatasetRow.id == ds_id, DatasetRow.tenant_id == tenant_id)
+            .with_for_update()
         ).first()
         if row is None:
             raise NotFoundError(f"dataset {ds_id!r} not found", resource="dataset", id=ds_id)

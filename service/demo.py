@@ -115,12 +115,15 @@ def _follow(client: httpx.Client, job_id: str) -> None:
         bar.close()
 
 
-def run_demo(config_path: str, overrides: list[str], data_dir: Path) -> int:
+def run_demo(config_path: str, overrides: list[str], data_dir: Path, methods: list[str] | None = None) -> int:
+    """Run the demo sequence once per method (seq_lora, then a continual-learning method) as jobs of
+    one service, print each R matrix and the two side by side, then ask the routed endpoint."""
     started = time.perf_counter()
     write_demo_data(data_dir / "demo")
     cfg = load_config(config_path, overrides)  # validated here so mistakes show before anything starts
     ensure_demo_data(t.train for t in cfg.tasks)  # the config's paths, wherever CLTUNE_DATA_DIR points
     raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    methods = methods or [cfg.method.name]
     with EmbeddedService(data_dir, cfg.model.name) as svc:
         print(f"cltune service: {svc.url} (tenant {DEMO_TENANT[0]!r}, API key {svc.key})", flush=True)
         client = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.key}"}, timeout=120)
@@ -134,30 +137,66 @@ def run_demo(config_path: str, overrides: list[str], data_dir: Path) -> int:
                 f"uploaded {task['name']}: {ds['id']} ({ds['examples']} examples, sha256 {ds['sha256'][:12]})"
             )
             task["train"] = ds["id"]
-        job_config["name"] = raw.get("name", cfg.name)
-        r = client.post("/v1/jobs", json={"config": job_config})
-        if r.status_code >= 400:
-            raise CLTuneError(f"the service refused the job: {r.text}")
-        job = r.json()
-        print(f"submitted job {job['id']}; following its events", flush=True)
-        _follow(client, job["id"])
-        job = client.get(f"/v1/jobs/{job['id']}").json()
-        if job["status"] != "succeeded":
-            print(f"job {job['id']} ended {job['status']}: {job.get('error')}", file=sys.stderr)
-            return 1
-        res = job["result"]
-        print("\nAccuracy matrix R (rows: after training; columns: evaluated task)")
-        print(format_matrix(res["R"], res["tasks"]))
-        m = res["metrics"]
-        print(
-            f"\nAP  = {m['ap']:.3f}\nBWT = {m['bwt']:.3f}  (normaliser {m['bwt_normalizer']}; TRACE 1/T: "
-            f"{m['bwt_T']:.3f})\nFWT = {m['fwt']:.3f}\nForgetting = {m['forgetting']:.3f}"
-        )
-        print("adapters: " + ", ".join(a["ref"] for a in res["adapters"]))
-        print(f"results and heatmap: {res['run_dir']}")
+        results = {}
+        for method in methods:
+            job_config["name"] = f"{raw.get('name', cfg.name)}-{method}"
+            job_config["method"] = {"name": method, "params": {}}
+            res = _run_job(client, job_config)
+            if res is None:
+                return 1
+            results[method] = res
+        if len(results) > 1:
+            print("\n" + side_by_side(results))
         _ask_router(svc, cfg)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _run_job(client: httpx.Client, job_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Submit one job, follow it, print its R matrix; its result, or None if it did not succeed."""
+    method = job_config["method"]["name"]
+    r = client.post("/v1/jobs", json={"config": job_config})
+    if r.status_code >= 400:
+        raise CLTuneError(f"the service refused the job: {r.text}")
+    job = r.json()
+    print(f"\nsubmitted job {job['id']} ({method}); following its events", flush=True)
+    _follow(client, job["id"])
+    job = client.get(f"/v1/jobs/{job['id']}").json()
+    if job["status"] != "succeeded":
+        print(f"job {job['id']} ended {job['status']}: {job.get('error')}", file=sys.stderr)
+        return None
+    res: dict[str, Any] = job["result"]
+    general = {k: v["values"] for k, v in (res.get("general") or {}).items()}
+    print(f"\n[{method}] accuracy matrix R (rows: after training; columns: evaluated task)")
+    print(format_matrix(res["R"], res["tasks"], general))
+    m = res["metrics"]
+    print(
+        f"AP  = {m['ap']:.3f}\nBWT = {m['bwt']:.3f}  (normaliser {m['bwt_normalizer']}; TRACE 1/T: "
+        f"{m['bwt_T']:.3f})\nFWT = {m['fwt']:.3f}\nForgetting = {m['forgetting']:.3f}"
+    )
+    for t in res.get("train", []):
+        print(f"  {t['task']}: {t['steps']} steps ({t.get('stop_reason')}), {t['seconds']:.0f} s")
+    print("adapters: " + ", ".join(a["ref"] for a in res["adapters"]))
+    print(f"results, heatmap and learning curves: {res['run_dir']}")
+    return res
+
+
+def side_by_side(results: dict[str, dict[str, Any]]) -> str:
+    """One line per method: AP, BWT, forgetting, each task's final score and general-ability retention."""
+    first = next(iter(results.values()))
+    probes = list(first.get("general") or {})
+    head = ["method", "AP", "BWT", "forgetting", *first["tasks"], *(f"{p} kept" for p in probes)]
+    lines = ["".join(h.rjust(16) if i else h.ljust(12) for i, h in enumerate(head))]
+    for method, res in results.items():
+        m, general = res["metrics"], res.get("general") or {}
+        kept = [general[p]["retention"] for p in probes]
+        cells = [m["ap"], m["bwt"], m["forgetting"], *res["R"][-1], *kept]
+        lines.append(method.ljust(12) + "".join(f"{v:16.3f}" for v in cells))
+    note = (
+        "one run each (one seed): the intervals over seeds and which differences are real are in the "
+        "README's continual-learning table (bench/continual.py --seeds 0 1 2)"
+    )
+    return "after the last task, side by side\n" + "\n".join(lines) + "\n" + note
 
 
 def _ask_router(svc: EmbeddedService, cfg: Any) -> None:

@@ -60,7 +60,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus sampling mass
     stop: list[str] = Field(default_factory=list, max_length=4)  # generation ends before any of these
-    seed: int | None = None  # per-request generator: same seed, same sample
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # per-request generator: same seed, same sample
     ignore_eos: bool = False  # keep generating past EOS (benchmarks: fixed output lengths)
 
 
@@ -554,16 +554,31 @@ class Engine:
         return keep
 
     def _load_all(self, batch: list[_Pending]) -> list[_Pending]:
-        """Make every adapter of the batch resident; a request whose adapter fails to load fails alone."""
+        """Check every request and make every adapter of the batch resident; a request that is invalid
+        or whose adapter fails to load fails alone."""
         ok, in_use = [], {0}
         for p in batch:
             try:
+                self._check(p.req)
+                _generator(p.req.sampling)  # e.g. a seed the generator refuses (built without validation)
                 if p.req.adapter is not None and self.forward_for is None:
                     in_use.add(self._slot_for(p.req.adapter, in_use))
                 ok.append(p)
             except Exception as e:  # noqa: BLE001 - e.g. a deleted or unservable adapter
                 p.future.set_exception(e)
         return ok
+
+    def _one_by_one(self, batch: list[_Pending], streamed: list[bool], error: Exception) -> None:
+        """After a failed batch, run each request alone so that only the one that fails gets the error
+        (a request that already streamed text cannot be started again: it gets the batch's error)."""
+        for p, sent in zip(batch, streamed, strict=True):
+            if sent or len(batch) == 1:
+                p.future.set_exception(error)
+                continue
+            try:
+                p.future.set_result(self.generate([p.req], [p.on_delta])[0])
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                p.future.set_exception(e)
 
     def _serve(self) -> None:
         while True:
@@ -575,12 +590,14 @@ class Engine:
                 batch = self._load_all(batch)
                 if not batch:
                     continue
+                streamed = [False] * len(batch)
                 try:
-                    outs = self.generate([p.req for p in batch], [p.on_delta for p in batch])
+                    outs = self.generate(
+                        [p.req for p in batch], [_tracked(p, streamed, i) for i, p in enumerate(batch)]
+                    )
                 except Exception as e:  # noqa: BLE001 - the requests get the error; the engine keeps serving
                     log.exception("batch of %d failed", len(batch))
-                    for p in batch:
-                        p.future.set_exception(e)
+                    self._one_by_one(batch, streamed, e)
                     continue
             for p, out in zip(batch, outs, strict=True):
                 p.future.set_result(out)
@@ -588,6 +605,19 @@ class Engine:
             left = self._queue.get_nowait()
             if left is not None and left.future.set_running_or_notify_cancel():
                 left.future.set_exception(EngineError("the engine was closed"))
+
+
+def _tracked(p: _Pending, streamed: list[bool], i: int) -> Callable[[str], None] | None:
+    """`p.on_delta`, noting in `streamed[i]` that the request has sent text."""
+    if p.on_delta is None:
+        return None
+    on_delta = p.on_delta
+
+    def call(d: str) -> None:
+        streamed[i] = True
+        on_delta(d)
+
+    return call
 
 
 def _generator(sp: SamplingParams) -> torch.Generator | None:

@@ -65,20 +65,48 @@ def child_main(
         conn.close()
 
 
+# Errors that another attempt would meet again: bad data or config (CLTuneError), and the value and
+# type errors that libraries raise for them (peft: target modules not found; tokenizers: bad text).
+# Anything else (CUDA OOM, I/O, a lost connection) may be transient and is retried while attempts last.
+DETERMINISTIC: tuple[type[BaseException], ...] = (
+    CLTuneError,
+    ValueError,
+    TypeError,
+    LookupError,
+    NotImplementedError,
+)
+
+
 def execute(job: dict[str, Any], data_dir: Path, send: Send, should_stop: Callable[[], bool]) -> None:
     """Run the job and send exactly one outcome message (result | stopped | error)."""
     try:
         send("result", run_job(job, data_dir, send, should_stop))
     except StopRequested as e:
         send("stopped", {"message": e.message, "step": e.details.get("step")})
-    except CLTuneError as e:  # bad data or config: deterministic, retrying cannot help
+    except Exception as e:
+        error = f"{e.kind}: {e.message}" if isinstance(e, CLTuneError) else f"{type(e).__name__}: {e}"
         send(
-            "error", {"error": f"{e.kind}: {e.message}", "traceback": traceback.format_exc(), "retry": False}
+            "error",
+            {
+                "error": public_text(error, job, data_dir),
+                "traceback": public_text(traceback.format_exc(), job, data_dir),
+                "retry": not isinstance(e, DETERMINISTIC),
+            },
         )
-    except Exception as e:  # anything else (incl. CUDA OOM) may be transient: retry while attempts last
-        send(
-            "error", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "retry": True}
-        )
+
+
+def public_text(text: str, job: dict[str, Any], data_dir: Path) -> str:
+    """`text` as the tenant may read it: each dataset file named by its id (as the job was submitted),
+    other paths under the data directory relative to it. The host's own layout is none of its business."""
+    sent = ((job.get("spec") or {}).get("config") or {}).get("tasks") or []
+    resolved = (job.get("config") or {}).get("tasks") or []
+    for given, used in zip(sent, resolved, strict=False):
+        for f in ("train", "eval", "retain") if isinstance(given, dict) and isinstance(used, dict) else ():
+            if isinstance(given.get(f), str) and isinstance(used.get(f), str) and used[f]:
+                text = text.replace(used[f], given[f])
+    for root in sorted({str(data_dir.resolve()), str(data_dir.absolute())}, key=len, reverse=True):
+        text = text.replace(root + os.sep, "").replace(root, ".")
+    return text
 
 
 def _exit_with_parent() -> None:

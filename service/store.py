@@ -21,8 +21,8 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from cltune.errors import ConflictError, NotFoundError
-from service.db import TERMINAL, EventRow, JobRow, JobStatus, new_id, session, utcnow
+from cltune.errors import ConfigError, ConflictError, NotFoundError
+from service.db import TERMINAL, DatasetRow, EventRow, JobRow, JobStatus, new_id, session, utcnow
 
 __all__ = ["Event", "Job", "JobStatus", "LeaseLost"]
 
@@ -121,6 +121,29 @@ def _owned(s: Session, job_id: str, worker_id: str) -> JobRow:
     return job
 
 
+def _missing_datasets(s: Session, tenant_id: str, spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, dataset id) of each dataset the job's request names that the tenant no longer has. The
+    rows found are locked (FOR UPDATE; SQLite: the write transaction) until the caller commits, so a
+    concurrent delete (which locks the row before it looks for jobs using it) sees the job, or happens
+    first and is seen here."""
+    from service.datasets import DATASET_FIELDS
+
+    tasks = (spec.get("config") or {}).get("tasks") if isinstance(spec.get("config"), dict) else None
+    refs = [
+        (f"tasks.{i}.{f}", t[f])
+        for i, t in enumerate(tasks if isinstance(tasks, list) else [])
+        if isinstance(t, dict)
+        for f in DATASET_FIELDS
+        if isinstance(t.get(f), str) and t[f].startswith("ds_")  # ids; paths (library jobs) are not rows
+    ]
+    if not refs:
+        return []
+    ids = sorted({r for _, r in refs})
+    q = select(DatasetRow.id).where(DatasetRow.tenant_id == tenant_id, DatasetRow.id.in_(ids))
+    found = set(s.scalars(q.with_for_update()))
+    return [(field, ref) for field, ref in refs if ref not in found]
+
+
 def _tenant_job(s: Session, tenant_id: str, job_id: str, lock: bool = False) -> JobRow:
     q = select(JobRow).where(JobRow.id == job_id, JobRow.tenant_id == tenant_id)
     job = s.scalars(q.with_for_update() if lock else q).one_or_none()
@@ -139,10 +162,24 @@ def enqueue(
     config: dict[str, Any],
     priority: int = 0,
     max_attempts: int = 3,
+    check_datasets: bool = False,
 ) -> Job:
-    """Insert a queued job. `spec` is the request as sent; `config` the resolved RunConfig JSON."""
+    """Insert a queued job. `spec` is the request as sent; `config` the resolved RunConfig JSON.
+    `check_datasets`: make sure, in the insert's transaction, that the datasets `spec` names by id exist.
+
+    Raises:
+        ConfigError: a dataset the request names was deleted since the config was resolved.
+    """
     now = utcnow()
     with session(engine, write=True) as s:
+        missing = _missing_datasets(s, tenant_id, spec) if check_datasets else []
+        if missing:
+            errors = [
+                {"field": f, "input": ref, "message": f"unknown dataset {ref!r} (deleted meanwhile)"}
+                for f, ref in missing
+            ]
+            msg = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+            raise ConfigError(f"invalid job config: {msg}", errors=errors)
         job = JobRow(
             id=new_id("job"),
             tenant_id=tenant_id,
@@ -225,6 +262,7 @@ def finish(engine: Engine, job_id: str, worker_id: str, result: dict[str, Any]) 
     with session(engine, write=True) as s:
         job = _owned(s, job_id, worker_id)
         job.result = result
+        job.error = job.traceback = None  # an earlier attempt's failure stays in its event only
         _set(s, job, JobStatus.SUCCEEDED, "job succeeded", worker=worker_id)
         return Job.of(job)
 
@@ -358,6 +396,14 @@ def retry(engine: Engine, tenant_id: str, job_id: str) -> Job:
             raise ConflictError(
                 f"job {job_id!r} is {job.status}; only failed or cancelled jobs can be retried",
                 status=job.status,
+            )
+        missing = _missing_datasets(s, tenant_id, job.spec)
+        if missing:
+            refs = ", ".join(sorted({r for _, r in missing}))
+            raise ConflictError(
+                f"job {job_id!r} cannot run again: its dataset(s) {refs} were deleted; "
+                "upload them again and submit a new job",
+                datasets=sorted({r for _, r in missing}),
             )
         job.attempts, job.cancel_requested = 0, False
         job.error = job.traceback = job.result = job.finished_at = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from cltune.config import (
     EvalConfig,
@@ -193,3 +194,15 @@ def test_shipped_configs_are_valid(name):
 )
 def test_model_and_lora_fields_are_bounded(section, field, value):
     assert f"{section}.{field}" in " ".join(errors_of({"tasks": [TASK], section: {field: value}}))
+
+
+def test_train_seed_and_grad_norm_are_bounded_and_finite():
+    for bad in (
+        {"seed": -5},
+        {"seed": 2**31},
+        {"max_grad_norm": float("inf")},
+        {"max_grad_norm": float("nan")},
+    ):
+        with pytest.raises(ValidationError):
+            TrainConfig(**bad)
+    assert TrainConfig(seed=2**31 - 1, max_grad_norm=None).seed == 2**31 - 1

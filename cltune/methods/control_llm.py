@@ -1,4 +1,4 @@
-"""control_llm: Control LLM in LoRA form (Wei et al. 2025; METHODS.md section 3).
+"""control_llm: Control LLM in LoRA form (Wei et al. 2025; docs/methods.md section 3).
 
 K of the L decoder layers are "expanded": each runs twice per forward, once with the LoRA adapter off
 (the frozen pretrained layer, h_p) and once with it on (the trained twin, h_e), and the layer returns

@@ -12,7 +12,7 @@
     expands to a new group whose adapter starts from the most recent adapter, trained with (a) off.
 
 alpha is not scale-invariant (a c grows ~N^2, 1 + b ~N), so on small tensors it nearly always falls
-back; the fraction of fallbacks is logged per task (METHODS.md section 2).
+back; the fraction of fallbacks is logged per task (docs/methods.md section 2).
 
 Mixed with other methods: the groups come back from DEMA's last task (`TaskContext.own_state`), but a
 group adapter the model holds keeps its current weights, so an unlearning task (which unlearns the

@@ -2,7 +2,7 @@
 
 A fast adapter ("default") is trained; a slow adapter ("slow") follows it by EMA after every optimizer
 step; replayed examples from earlier tasks tie the fast learner's hidden states to the slow learner's
-(METHODS.md section 1). Per step, once the buffer holds earlier tasks' examples:
+(docs/methods.md section 1). Per step, once the buffer holds earlier tasks' examples:
 
     loss = (CE_current + CE_replay) / 2 + gamma * mean((h_fast - max(h_fast, h_slow))^2)
 

@@ -1,4 +1,4 @@
-"""kappatune: LoRA on the best-conditioned weight matrices only (Ludwig 2025; METHODS.md section 4).
+"""kappatune: LoRA on the best-conditioned weight matrices only (Ludwig 2025; docs/methods.md section 4).
 
 kappa(W) = sigma_max / (sigma_min + 1e-8) from an fp32 SVD, the same formula as
 `peft.helpers.KappaTuneSelector`. Candidates are ranked ascending by (kappa, name) and the lowest

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from service import auth
+from service import datasets as dataset_store
 from service.api import errors
 from service.api.metrics import LatencyMiddleware, Metrics
 from service.api.routes import adapters, admin, datasets, health, jobs, openai
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app: open (and migrate) the database, mount the routers, install error handlers."""
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    dataset_store.clean_staging(settings)  # uploads a crashed process left half-written
     engine = engine or make_engine(settings.db_url)
     init_db(engine)
     if settings.auth_disabled:

@@ -4,6 +4,7 @@ errors become HTTP status codes. Unexpected exceptions answer a bare 500 (logged
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 from typing import Any
@@ -70,11 +71,25 @@ class ApiError(Exception):
         )
 
 
+def jsonable(x: Any) -> Any:
+    """`x` with what JSON cannot hold made text: NaN and infinities (a client may send them, and an
+    error echoes its input) become "NaN", "Infinity", "-Infinity"; lone surrogates are replaced."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, str):
+        return x.encode("utf-8", "replace").decode("utf-8")
+    return x
+
+
 def error_response(
     status: int, type_: str, message: str, headers: dict[str, str] | None = None, **details: Any
 ) -> JSONResponse:
     body = {"type": type_, "message": message, **{k: v for k, v in details.items() if v is not None}}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return JSONResponse({"error": jsonable(body)}, status_code=status, headers=headers)
 
 
 def status_of(exc: CLTuneError) -> int:
@@ -106,7 +121,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(CLTuneError)
     async def _domain(_: Request, exc: CLTuneError) -> JSONResponse:
-        return JSONResponse({"error": exc.to_dict()}, status_code=status_of(exc))
+        return JSONResponse({"error": jsonable(exc.to_dict())}, status_code=status_of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -132,6 +147,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            return error_response(  # FastAPI's answer when the JSON parser itself fails (e.g. RecursionError)
+                400,
+                "invalid_json",
+                "the request body could not be parsed as JSON (nested too deeply?); send one JSON object",
+            )
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.url.path!r}; the API is documented at /docs"
         elif exc.status_code == 405:

@@ -29,10 +29,15 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+MAX_LIMIT = 1000  # items per page
+MAX_OFFSET = 2**31  # beyond it the databases' integer types overflow (and no tenant has that many)
+MAX_EVENT_ID = 2**31  # event ids are 32-bit integers: an `after_id` / Last-Event-ID cursor stays below
+
+
 class Page(BaseModel):
     total: int
-    limit: int
-    offset: int
+    limit: int = Field(ge=1, le=MAX_LIMIT)
+    offset: int = Field(ge=0, le=MAX_OFFSET)
 
 
 # ---------------------------------------------------------------- datasets

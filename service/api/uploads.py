@@ -94,7 +94,13 @@ async def receive_multipart(
                 raise
             except Exception as e:  # the parser's own errors: a malformed body is the client's problem
                 raise ApiError(400, "invalid_request", f"malformed multipart body: {e}") from None
-        parser.finalize()
+        parser.finalize()  # checks nothing (python-multipart): a body cut short ends without "--boundary--"
+    if not parts.complete:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "multipart body ends without its closing boundary: the upload was cut short; send it again",
+        )
     if not parts.got_file:
         raise ApiError(
             422,
@@ -112,6 +118,7 @@ class _Parts:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.got_file = False
+        self.complete = False  # the closing boundary was seen
         self.filename: str | None = None
         self.fields: dict[str, str] = {}
         self._header = b""
@@ -129,7 +136,11 @@ class _Parts:
             "on_headers_finished": self._hdone,
             "on_part_data": self._data,
             "on_part_end": self._end,
+            "on_end": self._complete,
         }
+
+    def _complete(self) -> None:
+        self.complete = True
 
     def _begin(self) -> None:
         self._headers, self._name, self._buf = {}, None, bytearray()

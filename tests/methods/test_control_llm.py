@@ -1,4 +1,4 @@
-"""Control LLM invariants (METHODS.md section 3): layer choice, identity at init, lerp, divergence,
+"""Control LLM invariants (docs/methods.md section 3): layer choice, identity at init, lerp, divergence,
 generation through the wrapped layers, merge-back, unwrap / rewrap across tasks."""
 
 from __future__ import annotations

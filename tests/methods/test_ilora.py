@@ -1,4 +1,4 @@
-"""I-LoRA invariants (METHODS.md section 1): EMA pairing, consistency loss, buffer, state."""
+"""I-LoRA invariants (docs/methods.md section 1): EMA pairing, consistency loss, buffer, state."""
 
 from __future__ import annotations
 

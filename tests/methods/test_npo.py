@@ -1,4 +1,4 @@
-"""NPO / NPO+RT / NPO+KL / gradient ascent: the invariants of METHODS.md section 5 on the tiny model."""
+"""NPO / NPO+RT / NPO+KL / gradient ascent: the invariants of docs/methods.md section 5 on the tiny model."""
 
 from __future__ import annotations
 

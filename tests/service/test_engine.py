@@ -229,3 +229,30 @@ def test_a_request_whose_adapter_cannot_load_fails_alone(registry: Registry, tmp
     with pytest.raises(NotFoundError):
         fut_bad.result(timeout=60)
     engine.close()
+
+
+@pytest.mark.parametrize("bad_part", ["seed", "token"])
+def test_a_request_that_fails_in_the_batch_fails_alone(registry: Registry, bad_part: str) -> None:
+    """One bad request (a seed no generator takes, caught before the batch; a token id outside the
+    vocabulary, which fails the batch's forward) must not fail the others batched with it."""
+    engine = make_engine(registry, max_batch=8, max_wait_ms=300)
+    good = requests(engine, registry, ["ad0", None, "ad1"])
+    alone = [engine.generate([r])[0].token_ids for r in good]
+    if bad_part == "seed":
+        sampling = {**good[0].sampling.model_dump(), "temperature": 0.7, "seed": 2**64}
+        bad = dataclasses.replace(good[0], sampling=SamplingParams.model_construct(**sampling))
+    else:
+        bad = dataclasses.replace(good[0], prompt_ids=[10**7])
+    futures = [engine.submit(good[0]), engine.submit(bad), engine.submit(good[1]), engine.submit(good[2])]
+    outs = [futures[i].result(timeout=60).token_ids for i in (0, 2, 3)]
+    with pytest.raises(Exception, match="seed|[Oo]verflow|index"):
+        futures[1].result(timeout=60)
+    engine.close()
+    assert outs == alone
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64, -(2**63) - 1])
+def test_sampling_seeds_are_bounded(seed: int) -> None:
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(temperature=0.7, seed=seed)
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1

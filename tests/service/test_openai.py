@@ -3,12 +3,14 @@ uvicorn on a loopback port: completions, chat, streaming, models, routing header
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -157,7 +159,16 @@ def test_unknown_and_other_tenants_models_answer_404_in_openai_format(served: Se
 
 
 @pytest.mark.parametrize(
-    "params", [{"max_tokens": -1}, {"max_tokens": 65}, {"temperature": 2.5}, {"top_p": 0}, {"n": 3}]
+    "params",
+    [
+        {"max_tokens": -1},
+        {"max_tokens": 65},
+        {"temperature": 2.5},
+        {"top_p": 0},
+        {"n": 3},
+        {"seed": 2**64, "temperature": 0.7},
+        {"seed": -(2**63) - 1, "temperature": 0.7},
+    ],
 )
 def test_bad_generation_parameters_answer_400(served: Served, params: dict[str, float]) -> None:
     with pytest.raises(openai.BadRequestError) as e:
@@ -185,3 +196,108 @@ def test_concurrent_clients_share_batches_and_get_their_own_answers(served: Serv
     for t in threads:
         t.join()
     assert results == alone
+
+
+def test_an_out_of_range_seed_is_refused_and_fails_no_one_else(served: Served) -> None:
+    c = client(served)
+    msgs = [{"role": "user", "content": "Say something."}]
+    alone = c.chat.completions.create(model="capitals", messages=msgs, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    results: list[object] = [None] * 4
+
+    def ask(i: int) -> None:
+        try:
+            seed = {"seed": 2**64, "temperature": 0.7} if i == 1 else {"temperature": 0}
+            results[i] = c.chat.completions.create(model="capitals", messages=msgs, max_tokens=6, **seed)  # type: ignore[arg-type, call-overload]
+        except openai.APIStatusError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bad = results[1]
+    assert isinstance(bad, openai.BadRequestError) and bad.param == "seed", bad
+    for i in (0, 2, 3):
+        assert results[i].choices[0].message.content == alone.choices[0].message.content  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("chat/completions", {"messages": [{"role": "user", "content": "caf\ud800"}]}, "messages.0.content"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+            "messages.0.content",
+        ),
+        ("completions", {"prompt": ["ok", "x\ud800"]}, "prompt"),
+        ("completions", {"prompt": "ok", "stop": ["\ud800"]}, "stop"),
+    ],
+)
+def test_lone_surrogates_in_text_answer_400_naming_the_field(
+    served: Served, path: str, body: dict, param: str
+) -> None:
+    r = httpx.post(
+        f"{served.url}/{path}",
+        content=json.dumps({"model": "base", "max_tokens": 2, **body}),  # ASCII escapes: "\\ud800"
+        headers={"Authorization": f"Bearer {served.key}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith(param) and "surrogate" in err["message"]
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "kind,extra,param",
+    [
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ("chat", {"tool_choice": "required"}, "tool_choice"),
+        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ("chat", {"n": 2}, "n"),
+        ("chat", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("chat", {"logit_bias": {"50256": -100}}, "logit_bias"),
+        ("completion", {"logprobs": 2}, "logprobs"),
+        ("completion", {"echo": True}, "echo"),
+        ("completion", {"best_of": 3}, "best_of"),
+        ("completion", {"suffix": "end"}, "suffix"),
+    ],
+)
+def test_unsupported_openai_fields_answer_400_naming_the_field(
+    served: Served, kind: str, extra: dict, param: str
+) -> None:
+    c = client(served)
+    with pytest.raises(openai.BadRequestError) as e:
+        if kind == "chat":
+            c.chat.completions.create(model="base", messages=CHAT, max_tokens=2, **extra)  # type: ignore[arg-type, call-overload]
+        else:
+            c.completions.create(model="base", prompt="hi", max_tokens=2, **extra)  # type: ignore[call-overload]
+    assert e.value.status_code == 400 and e.value.param == param, e.value
+    assert param in e.value.message and "not supported" in e.value.message
+
+
+def test_unknown_fields_answer_400_and_neutral_values_are_accepted(served: Served) -> None:
+    c = client(served)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="base", messages=CHAT, max_tokens=2, extra_body={"temprature": 0.1})  # type: ignore[arg-type]
+    assert e.value.param == "temprature" and "unknown field" in e.value.message
+    for msg, param in (
+        ({"role": "user", "content": "hi", "tool_call_id": "x"}, "messages.0.tool_call_id"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+            "messages.0.content.0",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="base", messages=[msg], max_tokens=2)  # type: ignore[list-item]
+        assert e.value.param == param, e.value
+    neutral = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u1"}
+    out = c.chat.completions.create(model="base", messages=CHAT, max_tokens=2, **neutral)  # type: ignore[arg-type, call-overload]
+    assert out.choices[0].message.role == "assistant"

@@ -196,3 +196,16 @@ def test_init_db_is_idempotent_and_times_come_back_as_aware_utc(engine: Engine) 
     job = _enqueue(engine)
     got = store.get_job(engine, "t_a", job.id).created_at
     assert got.tzinfo is not None and got.utcoffset() == timedelta(0) and got == job.created_at
+
+
+def test_a_job_that_succeeds_after_a_failed_attempt_does_not_keep_its_error(engine: Engine) -> None:
+    job = _enqueue(engine)
+    assert store.claim(engine, "w1", 30) is not None
+    store.fail(engine, job.id, "w1", "RuntimeError: flaky", "Traceback ...", retry=True)
+    assert store.claim(engine, "w1", 30) is not None
+    done = store.finish(engine, job.id, "w1", {"R": [[1.0]]})
+    assert done.status is JobStatus.SUCCEEDED and done.error is None and done.traceback is None
+    # the failed attempt stays on record in its event
+    assert [e.data.get("error") for e in store.list_events(engine, "t_a", job.id) if e.type == "queued"][
+        -1
+    ] == ("RuntimeError: flaky")

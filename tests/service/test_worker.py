@@ -288,3 +288,36 @@ def test_cancel_stops_a_training_job_within_one_step(settings: Settings, engine:
     print(f"step {step_s:.3f}s; cancelled after {elapsed:.2f}s")
     assert elapsed < CANCEL_POLL_SECONDS + 2 * step_s + 1.0, (elapsed, step_s)  # cooperative, not the kill
     assert "stopped at step" in _events(engine, job)[-1].message
+
+
+def test_a_deterministic_error_at_run_time_fails_the_job_once_with_its_reason(
+    settings: Settings, engine: Engine, tmp_path: Path
+) -> None:
+    """A bad module name (checked at submit, but a job may predate the check) or bad data fails at once:
+    another attempt would fail the same way. The reason names no server path."""
+    data = tmp_path / "ds_0123456789abcdef.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a"}\n' * 4)
+    bad_data = settings.data_dir / "datasets" / T / "ds_fedcba9876543210.jsonl"
+    bad_data.parent.mkdir(parents=True)
+    bad_data.write_text('{"prompt": "q"}\n')
+    cases = {
+        "module": ({"target_modules": ["nope"]}, str(data), "nope"),
+        "data": ({}, str(bad_data), "completion"),
+    }
+    jobs = {}
+    for case, (lora, path, _) in cases.items():
+        config = {
+            "model": {"name": "tiny-llama", "device": "cpu"},
+            "lora": lora,
+            "tasks": [{"name": "a", "train": path}],
+            "train": {"steps": 1, "batch_size": 2},
+        }
+        spec = {"config": {**config, "tasks": [{"name": "a", "train": Path(path).stem}]}}
+        jobs[case] = store.enqueue(engine, T, spec, config, max_attempts=3)
+    Worker(settings, worker_id="w1", poll_seconds=0.05, isolate=False).run(burst=True)
+    for case, (_, path, reason) in cases.items():
+        job = store.get_job(engine, T, jobs[case].id)
+        assert job.status is JobStatus.FAILED and job.attempts == 1, (case, job.error)
+        assert reason in (job.error or ""), job.error
+        assert str(tmp_path) not in (job.error or "") and str(settings.data_dir) not in (job.error or "")
+        assert Path(path).stem in (job.error or "") or case == "module", job.error

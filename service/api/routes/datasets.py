@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service import artifacts, datasets
 from service.api.deps import EngineDep, SettingsDep, TenantDep
 from service.api.errors import ApiError
-from service.api.schemas import DatasetList, DatasetPublic, ErrorResponse
+from service.api.schemas import MAX_LIMIT, MAX_OFFSET, DatasetList, DatasetPublic, ErrorResponse
 from service.api.uploads import RAW_TYPES, Received, receive_multipart, receive_raw, too_large
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -88,8 +88,8 @@ async def upload_dataset(
 def list_datasets(
     engine: EngineDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetList:
     items, total = datasets.list_datasets(engine, tenant, limit, offset)
     return DatasetList(items=[DatasetPublic.of(d) for d in items], total=total, limit=limit, offset=offset)

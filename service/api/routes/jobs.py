@@ -104,8 +104,14 @@ def create_job(body: JobCreate, engine: EngineDep, settings: SettingsDep, tenant
     """Validate a RunConfig that names your datasets by id, then queue it."""
     config = resolve_config(engine, settings, tenant, body.config)
     spec = body.model_dump(mode="json")
-    job = store.enqueue(
-        engine, tenant, spec, config, body.priority, body.max_attempts or settings.max_attempts
+    job = store.enqueue(  # re-checks the datasets in its transaction: a DELETE may have come in between
+        engine,
+        tenant,
+        spec,
+        config,
+        body.priority,
+        body.max_attempts or settings.max_attempts,
+        check_datasets=True,
     )
     return JobPublic.of(job)
 
