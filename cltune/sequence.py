@@ -24,6 +24,7 @@ from cltune.models import LoadedModel, load_model
 from cltune.plots import save_heatmap, save_learning_curves
 from cltune.registry import AdapterRecord, Registry
 from cltune.served import BASE_MODEL, Scoring, measure_served, record_gap, score_row, served_scoring
+from cltune.stats import score_interval
 from cltune.train import (
     Callbacks,
     Validator,
@@ -246,15 +247,7 @@ def run_sequence(
             )
 
         def on_eval(step: int, d: TaskData = d, model: Any = model, method: Any = method) -> None:
-            score, _ = score_task(
-                model,
-                tok,
-                d.eval,
-                d.config.scorer,
-                max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
-                batch_size=cfg.eval.batch_size,
-                adapter=method.serve_adapter,
-            )
+            score = _score(cfg, tok, model, d, d.eval, method.serve_adapter)
             _log(
                 cb,
                 f"step {step}: {d.config.name} score {score:.3f}",
@@ -361,6 +354,11 @@ def run_sequence(
             "unlearning_tasks": [n for n, u in zip(names, unlearn, strict=True) if u],
             "scored_with": scored_with,  # row (base or task) -> how it was scored, adapter per column
             "general": general_summary,
+            # each score's own sampling uncertainty: held-out examples per task, Wilson 95% per cell
+            "n_eval": {d.config.name: len(d.eval) for d in data},
+            "R_interval": [
+                [list(score_interval(v, len(d.eval))) for v, d in zip(row, data, strict=True)] for row in R
+            ],
         },
     )
     return out
@@ -386,18 +384,23 @@ def _validator(cfg: RunConfig, d: TaskData, tok: Any, device: Any) -> Validator:
         return validation_loss(items, tok.pad_token_id, device, batch_size=cfg.eval.batch_size)
 
     def one_minus_score(model: Any, method: Any) -> float:
-        score, _ = score_task(
-            model,
-            tok,
-            d.val,
-            d.config.scorer,
-            max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            adapter=method.serve_adapter,
-        )
-        return 1.0 - score
+        return 1.0 - _score(cfg, tok, model, d, d.val, method.serve_adapter)
 
     return one_minus_score
+
+
+def _score(cfg: RunConfig, tok: Any, model: Any, d: TaskData, examples: list[Example], adapter: str) -> float:
+    """The task's scorer on greedy answers of `adapter` to `examples`."""
+    score, _ = score_task(
+        model,
+        tok,
+        examples,
+        d.config.scorer,
+        max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        adapter=adapter,
+    )
+    return score
 
 
 def _register(

@@ -173,7 +173,12 @@ def test_a_sequence_under_auto_holds_out_a_validation_split_and_reports_why_it_s
 
     cfg = RunConfig(model=ModelConfig(name="tiny-llama", device="cpu"), lora=LORA, train=train, tasks=[task])
     run_sequence(cfg, tmp_path / "run")
-    info = json.loads((tmp_path / "run" / "results.json").read_text())["train"][0]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["n_eval"] == {"a": 8} and len(results["R_interval"]) == 2  # base + after a
+    lo, hi = results["R_interval"][1][0]
+    assert lo <= results["R"][1][0] <= hi and hi - lo > 0.2  # 8 held-out examples: a wide interval
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    info = results["train"][0]
     assert info["stop_reason"] in {"plateau", "max_steps"} and info["best_step"] is not None
     assert info["validation_metric"] == "loss" and len(info["validation"]) >= 1
     assert [h["step"] for h in info["history"]][-1] == info["steps"]
