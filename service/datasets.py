@@ -1,5 +1,6 @@
 """Uploaded datasets: files under <data_dir>/datasets/<tenant>/<id>.jsonl plus a row each, every query
-scoped to one tenant.
+scoped to one tenant. The name a client gives (its file's name: `my data.jsonl`, `ü.jsonl`) is only
+displayed: the file is stored under the generated id, so a name never becomes part of a path.
 
 An upload is written to a temporary file in the same directory (by the API, chunk by chunk), validated
 with the library's reader, and published with one rename, so a half-written or invalid file never gets
@@ -8,8 +9,11 @@ a row and a row never points at a missing file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,9 +23,14 @@ from sqlalchemy.orm import Session
 
 from cltune.config import check_name
 from cltune.data import read_jsonl
-from cltune.errors import ConflictError, NotFoundError
+from cltune.errors import ConflictError, InvalidNameError, NotFoundError
 from service.db import DatasetRow, JobRow, JobStatus, new_id, session, utcnow
 from service.settings import Settings
+
+try:
+    import fcntl
+except ImportError:  # Windows: staged uploads are only removed by age
+    fcntl = None  # type: ignore[assignment]
 
 DATASET_FIELDS = ("train", "eval", "retain")  # TaskConfig fields that name a dataset
 
@@ -53,6 +62,44 @@ def _of(row: DatasetRow) -> Dataset:
     )
 
 
+MAX_NAME_CHARS = 255  # DatasetRow.name
+# what reorders or hides the text around it (bidirectional embeddings, overrides, isolates, marks)
+_BIDI = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_INVISIBLE = ("Cc", "Cs", "Zl", "Zp")  # control characters, lone surrogates, line/paragraph separators
+
+
+def check_display_name(name: str) -> str:
+    """The dataset's display name as stored: `name` in NFC. Any text a file may be called is fine
+    (spaces, accents, other scripts) except what could act as a path or hide what it says.
+
+    Raises:
+        InvalidNameError: empty or over 255 characters; a '/' or '\\'; a leading '.' (`..`, hidden
+            files); leading or trailing white space; a control character (NUL, newline, ...), a lone
+            surrogate, a line or paragraph separator, or a bidirectional control.
+    """
+    nfc = unicodedata.normalize("NFC", name)
+    bad = next((c for c in nfc if unicodedata.category(c) in _INVISIBLE or c in _BIDI or c in "/\\"), None)
+    problem = None
+    if not nfc:
+        problem = "is empty"
+    elif len(nfc) > MAX_NAME_CHARS:
+        problem = f"is {len(nfc)} characters long (at most {MAX_NAME_CHARS})"
+    elif bad is not None:
+        problem = f"holds {bad!r}: a path separator or control character"
+    elif nfc.startswith("."):
+        problem = "starts with '.'"
+    elif nfc.strip() != nfc:
+        problem = "starts or ends with white space"
+    if problem:
+        raise InvalidNameError(
+            f"invalid dataset name {name[:80]!r}: it {problem}; a dataset name is 1-{MAX_NAME_CHARS} "
+            "characters without '/', '\\', control characters or a leading '.' (e.g. 'my data.jsonl')",
+            name=name[:80],
+            field="name",
+        )
+    return nfc
+
+
 def tenant_dir(settings: Settings, tenant_id: str) -> Path:
     d = settings.datasets_dir.resolve() / check_name(tenant_id, "tenant id")
     d.mkdir(parents=True, exist_ok=True)
@@ -65,20 +112,53 @@ def staging_path(settings: Settings, tenant_id: str) -> tuple[str, Path]:
     return ds_id, tenant_dir(settings, tenant_id) / f".upload-{ds_id}.jsonl"
 
 
+def hold_staged(path: Path) -> int:
+    """Create the staged file and lock it (flock, exclusive) for as long as the returned descriptor is
+    open: the upload's whole life, through publish(). clean_staging in any process leaves a locked file
+    alone; the kernel drops the lock of a process that dies, so a crashed upload's file is removable."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    if fcntl is not None:
+        with contextlib.suppress(OSError):  # a file system without locks: cleaned by age alone
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 STALE_UPLOAD_SECONDS = 3600.0  # a staged upload not written to for this long was abandoned (a crash)
+UNLOCKED_GRACE_SECONDS = 5.0  # an unlocked staged file this old has no writer (hold_staged locks at once)
 
 
-def clean_staging(settings: Settings, older_than: float = STALE_UPLOAD_SECONDS) -> int:
-    """Remove staged uploads (.upload-ds_*.jsonl) that nothing has written to for `older_than` seconds:
-    left by a process that died mid-upload. Younger ones may still be streaming (another API process
-    shares the directory) and stay. Returns how many were removed."""
-    removed, cutoff = 0, time.time() - older_than
+def _is_locked(path: Path) -> bool | None:
+    """Whether a live process holds the staged file's lock; None where that cannot be told."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # gone meanwhile, or not ours to read
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return True if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
+
+
+def clean_staging(
+    settings: Settings, older_than: float = STALE_UPLOAD_SECONDS, grace: float = UNLOCKED_GRACE_SECONDS
+) -> int:
+    """Remove staged uploads (.upload-ds_*.jsonl) that no live process writes: left by a process that
+    died mid-upload (kill -9, a crash, a power cut). A file whose lock is held (see hold_staged) stays,
+    and so does one younger than `grace` seconds (created, not locked yet). Where locks cannot be
+    checked, only files not written to for `older_than` seconds go. Returns how many were removed."""
+    removed, now = 0, time.time()
     for p in settings.datasets_dir.glob("*/.upload-ds_*.jsonl"):
         try:
-            if p.stat().st_mtime < cutoff:
+            age = now - p.stat().st_mtime
+            if age >= older_than or (age >= grace and _is_locked(p) is False):
                 p.unlink()
                 removed += 1
-        except FileNotFoundError:  # another process cleaned it first
+        except FileNotFoundError:  # another process cleaned it first, or its upload was published
             continue
     return removed
 
@@ -96,11 +176,11 @@ def publish(
     """Validate the staged file and record it. The staged file is removed on every error.
 
     Raises:
-        InvalidNameError: `name` is not a safe name.
+        InvalidNameError: `name` is no display name (see check_display_name).
         DataError: the file is malformed (file, 1-based line and field of the first problem).
     """
     try:
-        check_name(name, "dataset name")
+        name = check_display_name(name)
         fmt, examples = read_jsonl(staged, name=name)
         final = staged.with_name(f"{ds_id}.jsonl")
         os.replace(staged, final)
@@ -115,8 +195,12 @@ def publish(
             path=str(final),
             created_at=utcnow(),
         )
-        with session(engine, write=True) as s:
-            s.add(row)
+        try:
+            with session(engine, write=True) as s:
+                s.add(row)
+        except BaseException:  # no row: no file either
+            final.unlink(missing_ok=True)
+            raise
         return _of(row)
     finally:
         staged.unlink(missing_ok=True)

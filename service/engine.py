@@ -218,10 +218,14 @@ def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         if sp.temperature == 0.0:
             out.append(greedy[i])
             continue
-        probs = torch.softmax(logits[i].float().cpu() / sp.temperature, -1)  # [V]; CPU generator
+        # in float64 from the top logit down: a temperature as small as 5e-324 gives the greedy token
+        # (the float32 quotient would be inf or NaN, and no distribution to sample from)
+        scaled = logits[i].double().cpu()
+        probs = torch.softmax((scaled - scaled.max()) / sp.temperature, -1).float()  # [V]; CPU generator
         if sp.top_p < 1.0:
             p, idx = probs.sort(descending=True)
-            keep = p.cumsum(0) - p < sp.top_p  # smallest prefix whose mass reaches top_p (>= 1 token)
+            keep = p.cumsum(0) - p < sp.top_p  # smallest prefix whose mass reaches top_p
+            keep[0] = True  # at least the likeliest token, however small top_p is (5e-324 is 0 in float32)
             probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
         out.append(int(torch.multinomial(probs, 1, generator=row.gen)))
     return out

@@ -112,6 +112,20 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the API serves at the request's path, as its OpenAPI schema lists them (Starlette's
+    405 names only the first matching route's: `Allow: POST` on /v1/datasets, which also answers GET)."""
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        pattern = "[^/]+".join(re.escape(part) for part in re.split(r"\{[^{}/]+\}", template))
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {m.upper() for m in item if m in _METHODS}
+    return sorted(methods)
+
+
+_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers so that every error answers the same shape."""
 
@@ -146,7 +160,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
+        message, headers = str(exc.detail), getattr(exc, "headers", None)
         if exc.status_code == 400 and message == "There was an error parsing the body":
             return error_response(  # FastAPI's answer when the JSON parser itself fails (e.g. RecursionError)
                 400,
@@ -156,12 +170,11 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.url.path!r}; the API is documented at /docs"
         elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path!r}"
+            allowed = ", ".join(allowed_methods(request)) or (headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path!r}; allowed: {allowed}"
+            headers = {**(headers or {}), "Allow": allowed}
         return error_response(
-            exc.status_code,
-            HTTP_TYPES.get(exc.status_code, "http_error"),
-            message,
-            getattr(exc, "headers", None),
+            exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), message, headers
         )
 
     @app.exception_handler(Exception)

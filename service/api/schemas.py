@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cltune.config import NAME_RE
 from cltune.registry import AdapterRecord
 from service.auth import ApiKey, Tenant
 from service.datasets import Dataset
@@ -44,8 +45,8 @@ class Page(BaseModel):
 
 
 class DatasetPublic(BaseModel):
-    id: str
-    name: str
+    id: str  # jobs name datasets by id; the file is stored as <id>.jsonl
+    name: str = Field(description="display name: the uploaded file's name as sent (or ?name=)")
     format: str
     examples: int
     sha256: str
@@ -73,6 +74,19 @@ class DatasetList(Page):
 
 
 class JobCreate(_In):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "config": {
+                        "model": {"name": "tiny-llama"},
+                        "tasks": [{"name": "a", "train": "ds_0123456789abcdef"}],
+                        "train": {"steps": 10},
+                    }
+                }
+            ]
+        }
+    )
     config: dict[str, Any] = Field(
         description="A RunConfig (see cltune/config.py) whose tasks' train / eval / retain are dataset ids "
         "of your tenant (ds_...), e.g. {'model': {'name': 'tiny-llama'}, 'method': {'name': "
@@ -183,7 +197,10 @@ class AdapterList(BaseModel):
 
 
 class TenantCreate(_In):
-    name: str = Field(description="1-64 characters from letters, digits, '.', '_', '-'")
+    name: str = Field(
+        description="1-64 characters from letters, digits, '.', '_', '-'",
+        json_schema_extra={"pattern": NAME_RE.pattern, "examples": ["acme"]},  # checked by check_name: 422
+    )
 
 
 class TenantPublic(BaseModel):

@@ -8,10 +8,12 @@ soon as the limit is crossed, whether or not the client sent a Content-Length.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import unquote
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -26,6 +28,21 @@ RAW_TYPES = (
     "text/plain",
 )
 MAX_FIELD_BYTES = 1024  # non-file form fields (the dataset name)
+_EXT_FILENAME = re.compile(rb"""filename\*\s*=\s*([A-Za-z0-9_-]*)'[^']*'([^;\s]*)""", re.IGNORECASE)
+
+
+def part_filename(disposition: bytes, params: dict[bytes, bytes]) -> str | None:
+    """The file name a Content-Disposition header gives: RFC 5987's `filename*=UTF-8''%C3%BC.jsonl` when
+    present (python-multipart ignores it), else `filename="..."` as UTF-8 (what browsers and curl send)."""
+    ext = _EXT_FILENAME.search(disposition)
+    if ext:
+        charset = ext.group(1).decode() or "utf-8"
+        try:
+            return unquote(ext.group(2).decode("ascii", "replace"), encoding=charset, errors="replace")
+        except LookupError:  # an unknown charset
+            return unquote(ext.group(2).decode("ascii", "replace"), errors="replace")
+    fn = params.get(b"filename")
+    return fn.decode("utf-8", "replace") if fn else None
 
 
 def too_large(limit: int) -> ApiError:
@@ -156,7 +173,8 @@ class _Parts:
         self._header, self._value = b"", b""
 
     def _hdone(self) -> None:
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        disposition = self._headers.get(b"content-disposition", b"")
+        _, params = parse_options_header(disposition)
         self._name = params.get(b"name", b"").decode("utf-8", "replace")
         if self._name == "file":
             if self.got_file:
@@ -164,8 +182,7 @@ class _Parts:
                     422, "invalid_request", "send exactly one 'file' part per upload", field="file"
                 )
             self.got_file = True
-            fn = params.get(b"filename")
-            self.filename = fn.decode("utf-8", "replace") if fn else None
+            self.filename = part_filename(disposition, params)
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._name == "file":

@@ -188,6 +188,21 @@ def test_sampling_is_reproducible_by_seed_and_stop_strings_cut_the_text(registry
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_the_smallest_temperature_and_top_p_sample_the_greedy_token(registry: Registry) -> None:
+    """Found by schemathesis: top_p=5e-324 kept no token (it is 0 in float32) and a temperature that
+    small made the probabilities NaN; both failed the batch with a 500."""
+    engine = make_engine(registry)
+    ids = engine.tokenizer("hello", add_special_tokens=False)["input_ids"]
+
+    def run(**kw: float) -> str:
+        sp = SamplingParams(max_tokens=8, seed=1, ignore_eos=True, **kw)  # type: ignore[arg-type]
+        return engine.generate([GenRequest(ids, None, sp)])[0].text
+
+    greedy = run(temperature=0.0)
+    assert run(top_p=5e-324) == greedy and run(temperature=5e-324) == greedy
+    assert run(temperature=5e-324, top_p=5e-324) == greedy
+
+
 def test_concurrent_submissions_are_batched_and_streamed(registry: Registry) -> None:
     engine = make_engine(registry, max_batch=8, max_wait_ms=200)
     adapters = ["ad0", "ad1", "ad2", None, "ad3", "ad0"]

@@ -176,6 +176,14 @@ def test_bad_generation_parameters_answer_400(served: Served, params: dict[str, 
     assert e.value.status_code == 400 and e.value.param == next(iter(params))
 
 
+def test_max_completion_tokens_0_answers_400_and_is_not_taken_as_unset(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as e:  # found by schemathesis: it fell back to max_tokens
+        client(served).chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=0, max_tokens=4
+        )
+    assert e.value.status_code == 400 and e.value.param == "max_tokens"
+
+
 def test_concurrent_clients_share_batches_and_get_their_own_answers(served: Served) -> None:
     prompts = [("capitals", "one"), ("french", "two"), ("base", "three"), ("capitals", "four")]
     alone = [

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from cltune.artifact_sync import delete_adapter as delete_shared
+from cltune.config import NAME_RE
 from service import artifacts
 from service.api.deps import RegistryDep, SettingsDep, TenantDep
 from service.api.schemas import AdapterList, AdapterPublic, ErrorResponse
@@ -23,6 +25,9 @@ from service.api.schemas import AdapterList, AdapterPublic, ErrorResponse
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 404, 422)}
 Version = Annotated[int | None, Query(ge=1, description="default: the latest version")]
+Name = Annotated[  # the pattern is stated for clients; check_name refuses other names with 422
+    str, PathParam(description="an adapter name", json_schema_extra={"pattern": NAME_RE.pattern})
+]
 
 
 class ArchiveFormat(StrEnum):
@@ -37,12 +42,12 @@ def list_adapters(registry: RegistryDep) -> AdapterList:
 
 
 @router.get("/{name}", response_model=AdapterPublic, responses=ERRORS)
-def get_adapter(name: str, registry: RegistryDep, version: Version = None) -> AdapterPublic:
+def get_adapter(name: Name, registry: RegistryDep, version: Version = None) -> AdapterPublic:
     return AdapterPublic.of(registry.get(name, version))
 
 
 @router.get("/{name}/versions", response_model=AdapterList, responses=ERRORS)
-def list_versions(name: str, registry: RegistryDep) -> AdapterList:
+def list_versions(name: Name, registry: RegistryDep) -> AdapterList:
     """Every version of one adapter, oldest first (404 if there is none)."""
     registry.path(name)  # raises NotFoundError when the name has no versions
     records = registry.history(name)  # Registry.list (a method) shadows `list` in its annotations for mypy
@@ -50,7 +55,7 @@ def list_versions(name: str, registry: RegistryDep) -> AdapterList:
 
 
 @router.get("/{name}/versions/{version}", response_model=AdapterPublic, responses=ERRORS)
-def get_version(name: str, version: int, registry: RegistryDep) -> AdapterPublic:
+def get_version(name: Name, version: int, registry: RegistryDep) -> AdapterPublic:
     return AdapterPublic.of(registry.get(name, version))
 
 
@@ -60,7 +65,7 @@ def get_version(name: str, version: int, registry: RegistryDep) -> AdapterPublic
     responses={200: {"content": {"application/gzip": {}, "application/zip": {}}}, **ERRORS},
 )
 async def download_adapter(
-    name: str, registry: RegistryDep, version: Version = None, format: ArchiveFormat = ArchiveFormat.TAR_GZ
+    name: Name, registry: RegistryDep, version: Version = None, format: ArchiveFormat = ArchiveFormat.TAR_GZ
 ) -> FileResponse:
     """An archive of one version in peft format: `<name>-v<N>/adapter_config.json`,
     `adapter_model.safetensors` (load the folder with `PeftModel.from_pretrained`), plus `record.json`."""
@@ -92,7 +97,7 @@ def _archive(src: Path, root: str, fmt: ArchiveFormat) -> Path:
 
 @router.delete("/{name}", status_code=204, responses=ERRORS)
 def delete_adapter(
-    name: str, registry: RegistryDep, settings: SettingsDep, tenant: TenantDep, version: Version = None
+    name: Name, registry: RegistryDep, settings: SettingsDep, tenant: TenantDep, version: Version = None
 ) -> Response:
     """Delete one version, or every version of the adapter when `version` is omitted."""
     registry.delete(name, version)

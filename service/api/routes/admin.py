@@ -9,7 +9,7 @@ from service.api.deps import AdminDep, EngineDep
 from service.api.schemas import ApiKeyCreated, ApiKeyPublic, ErrorResponse, TenantCreate, TenantPublic
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
-ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 403, 404, 409, 422)}
+ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 404, 409, 415, 422)}
 
 
 @router.post("/tenants", status_code=201, response_model=TenantPublic, responses=ERRORS)

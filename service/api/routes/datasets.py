@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -14,9 +15,10 @@ from service.api.schemas import MAX_LIMIT, MAX_OFFSET, DatasetList, DatasetPubli
 from service.api.uploads import RAW_TYPES, Received, receive_multipart, receive_raw, too_large
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 404, 409, 413, 415, 422)}
+ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 415, 422)}
 UPLOAD_DOC = {
     "requestBody": {
+        "required": True,
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -29,7 +31,7 @@ UPLOAD_DOC = {
                 }
             },
             "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
-        }
+        },
     }
 }
 
@@ -40,7 +42,13 @@ async def upload_dataset(
     settings: SettingsDep,
     engine: EngineDep,
     tenant: TenantDep,
-    name: Annotated[str | None, Query(description="dataset name; default: the uploaded file name")] = None,
+    name: Annotated[
+        str | None,
+        Query(
+            description="display name, e.g. 'my data.jsonl' (1-255 characters; no '/', '\\', control "
+            "characters or leading '.'); default: the uploaded file's name"
+        ),
+    ] = None,
 ) -> DatasetPublic:
     """Upload a JSONL dataset (chat, alpaca or prompt/completion records), validated before it is stored.
 
@@ -54,6 +62,7 @@ async def upload_dataset(
         raise too_large(limit)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     ds_id, staged = await run_in_threadpool(datasets.staging_path, settings, tenant)
+    lock = await run_in_threadpool(datasets.hold_staged, staged)  # held until published or refused
     try:
         if ctype == "multipart/form-data":
             got: Received = await receive_multipart(
@@ -68,18 +77,22 @@ async def upload_dataset(
                 f"content type {ctype or '(none)'!r} is not accepted; "
                 f"send multipart/form-data with a 'file' part, or one of: {', '.join(RAW_TYPES)}",
             )
-    except BaseException:
+        ds_name = name or got.fields.get("name") or got.filename
+        if not ds_name:
+            raise ApiError(
+                422,
+                "invalid_request",
+                "name the dataset: ?name=... (raw bodies have no file name)",
+                field="name",
+            )
+        ds = await run_in_threadpool(
+            datasets.publish, engine, settings, tenant, ds_id, ds_name, staged, got.size, got.sha256
+        )
+    except BaseException:  # refused, or the client went away: nothing of it stays
         staged.unlink(missing_ok=True)
         raise
-    ds_name = name or got.fields.get("name") or got.filename
-    if not ds_name:
-        staged.unlink(missing_ok=True)
-        raise ApiError(
-            422, "invalid_request", "name the dataset: ?name=... (raw bodies have no file name)", field="name"
-        )
-    ds = await run_in_threadpool(
-        datasets.publish, engine, settings, tenant, ds_id, ds_name, staged, got.size, got.sha256
-    )
+    finally:
+        os.close(lock)
     await run_in_threadpool(artifacts.put_dataset, settings, tenant, ds.path)  # for workers on other hosts
     return DatasetPublic.of(ds)
 

@@ -39,7 +39,7 @@ from service.db import TERMINAL, JobStatus
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 422)}
+ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 415, 422)}
 EVENT_PAGE = 500
 
 
@@ -194,7 +194,11 @@ async def stream_events(
     tenant: TenantDep,
     after_id: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
     last_event_id: Annotated[
-        str | None, Header(description=f"SSE reconnection cursor: an event id 0..{MAX_EVENT_ID}")
+        str | None,
+        Header(
+            description=f"SSE reconnection cursor: an event id 0..{MAX_EVENT_ID}",
+            json_schema_extra={"pattern": "^ *[0-9]{0,10} *$"},
+        ),
     ] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: each job event as `id`/`event`/`data` (JSON); a final `end` event once the job

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from cltune.config import ModelConfig
@@ -35,7 +35,13 @@ from service.api.schemas import ErrorResponse
 from service.engine import Completion, Engine, EngineParams, GenRequest, SamplingParams
 from service.settings import Settings
 
-ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 415, 422)
+}
+GENERATED = {  # a JSON answer, or with "stream": true Server-Sent Events
+    200: {"content": {"application/json": {}, "text/event-stream": {}}},
+    **ERRORS,
+}
 
 
 # ---------------------------------------------------------------- wire schemas (OpenAI's field names)
@@ -70,21 +76,35 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 ACCEPTED = {"user"}  # an end-user id for abuse tracking: nothing to do with the answer
 
 
+def _doc(**schema: Any) -> Any:
+    """Ranges stated in the OpenAPI schema only: _sampling checks them and answers 400 (as OpenAI does),
+    where a pydantic constraint would answer 422."""
+    return Field(None, json_schema_extra=schema)
+
+
 class _OpenAIIn(BaseModel):
     model_config = ConfigDict(extra="allow")  # checked by _check_fields: 400 naming the field
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: str = Field(description="an adapter name, name@version, 'base' or 'auto' (GET /v1/models)")
+    max_tokens: int | None = _doc(minimum=1, description="default 16; at most CLTUNE_ENGINE_MAX_TOKENS")
+    temperature: float | None = _doc(minimum=0, maximum=2)
+    top_p: float | None = _doc(exclusiveMinimum=0, maximum=1)
+    n: int | None = _doc(minimum=1, maximum=1)
+    stop: str | list[str] | None = _doc(maxItems=4)
+    seed: int | None = _doc(minimum=0, maximum=2**63 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
 
 class CompletionCreate(_OpenAIIn):
-    prompt: str | list[str]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "base", "prompt": "The capital of France is", "max_tokens": 8}]
+        }
+    )
+    prompt: str | list[str] = Field(
+        json_schema_extra={"minLength": 1, "minItems": 1},
+        description="one prompt, or a list (one choice each; at most CLTUNE_ENGINE_MAX_BATCH)",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -99,8 +119,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionCreate(_OpenAIIn):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "base", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8}]
+        }
+    )
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
+    max_completion_tokens: int | None = _doc(minimum=1, description="max_tokens under its newer name")
 
 
 # ---------------------------------------------------------------- the engine, created once per app
@@ -294,7 +319,7 @@ async def _stream(engine: Engine, req: GenRequest, chunk: Any, include_usage: bo
 # ---------------------------------------------------------------- routes
 
 
-@router.post("/completions", responses=ERRORS)
+@router.post("/completions", responses=GENERATED)
 async def create_completion(
     body: CompletionCreate, request: Request, tenant: TenantDep, registry: RegistryDep
 ) -> Response:
@@ -347,7 +372,7 @@ async def create_completion(
     )
 
 
-@router.post("/chat/completions", responses=ERRORS)
+@router.post("/chat/completions", responses=GENERATED)
 async def create_chat_completion(
     body: ChatCompletionCreate, request: Request, tenant: TenantDep, registry: RegistryDep
 ) -> Response:
@@ -358,7 +383,8 @@ async def create_chat_completion(
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if not messages:
         raise _bad("messages must not be empty", "messages")
-    sp = _sampling(body, body.max_completion_tokens or body.max_tokens, settings.engine_max_tokens)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sp = _sampling(body, asked, settings.engine_max_tokens)  # (0 is refused, not taken as "unset")
     instruction = next(
         (m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"]
     )
@@ -399,7 +425,7 @@ async def create_chat_completion(
     )
 
 
-@router.get("/models")
+@router.get("/models", responses={401: ERRORS[401]})
 def list_models(registry: RegistryDep) -> dict[str, Any]:
     """`base`, `auto`, and each of your adapters: by name (its latest version) and as name@version."""
     now = int(time.time())
