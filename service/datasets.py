@@ -22,7 +22,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from cltune.config import check_name
-from cltune.data import read_jsonl
+from cltune.data import count_jsonl
 from cltune.errors import ConflictError, InvalidNameError, NotFoundError
 from service.db import DatasetRow, JobRow, JobStatus, new_id, session, utcnow
 from service.settings import Settings
@@ -181,7 +181,7 @@ def publish(
     """
     try:
         name = check_display_name(name)
-        fmt, examples = read_jsonl(staged, name=name)
+        fmt, examples = count_jsonl(staged, name=name)
         final = staged.with_name(f"{ds_id}.jsonl")
         os.replace(staged, final)
         row = DatasetRow(
@@ -189,7 +189,7 @@ def publish(
             tenant_id=tenant_id,
             name=name,
             format=fmt,
-            examples=len(examples),
+            examples=examples,
             sha256=sha256,
             size_bytes=size_bytes,
             path=str(final),

@@ -13,6 +13,7 @@ from cltune.data import (
     ReplayBuffer,
     batches,
     collate,
+    count_jsonl,
     encode_prompt,
     inspect_dataset,
     read_jsonl,
@@ -314,3 +315,16 @@ def test_replay_buffer_state_round_trip_continues_identically():
     twin.add(items(6, offset=100))
     assert twin.items == buf.items
     assert twin.sample(5) == buf.sample(5)
+
+
+def test_count_jsonl_validates_like_read_jsonl_without_keeping_records(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(5)))
+    assert count_jsonl(good) == ("prompt_completion", 5) == (read_jsonl(good)[0], len(read_jsonl(good)[1]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q"}\n')
+    with pytest.raises(DataError) as counted:
+        count_jsonl(bad)
+    with pytest.raises(DataError) as read:
+        read_jsonl(bad)
+    assert counted.value.details == read.value.details and counted.value.details["line"] == 2
