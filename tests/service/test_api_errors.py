@@ -363,10 +363,11 @@ def test_page_bounds_are_in_the_openapi_schema(api) -> None:
     ],
 )
 def test_job_fields_are_checked_before_queueing(
-    tmp_path: Path, section: str, values: dict, field: str, valid: str
+    tmp_path: Path, db_url: str, section: str, values: dict, field: str, valid: str
 ) -> None:
-    """What would fail at run time (or run on a device that is not there) is refused at submit."""
-    api = make_api(tmp_path, worker_cuda=False)  # the workers train on CPU (default: what this host has)
+    """What would fail at run time (or run on a device that is not there) is refused at submit, on
+    SQLite and PostgreSQL alike."""
+    api = make_api(tmp_path, db_url, worker_cuda=False)  # the workers train on CPU (default: this host's)
     h = api.tenant("acme")[1]
     cfg = job_config(upload(api, h))
     cfg.setdefault(section, {}).update(values)
