@@ -16,14 +16,22 @@ from transformers import set_seed
 from cltune.config import RunConfig, TaskConfig, TrainConfig
 from cltune.data import Example, TokenStats, file_sha256, read_jsonl, split_holdout, tokenize
 from cltune.errors import ConfigError
-from cltune.evaluate import cl_metrics, score_task, write_results
+from cltune.evaluate import cl_metrics, write_results
 from cltune.general import GeneralEval
 from cltune.methods import METHODS, build_method
 from cltune.methods.base import FORGOTTEN_EXAMPLES, MethodState, TaskContext
 from cltune.models import LoadedModel, load_model
 from cltune.plots import save_heatmap, save_learning_curves
 from cltune.registry import AdapterRecord, Registry
-from cltune.served import BASE_MODEL, Scoring, measure_served, record_gap, score_row, served_scoring
+from cltune.served import (
+    BASE_MODEL,
+    Scoring,
+    measure_served,
+    record_gap,
+    score_examples,
+    score_row,
+    served_scoring,
+)
 from cltune.stats import score_interval
 from cltune.train import (
     Callbacks,
@@ -247,7 +255,7 @@ def run_sequence(
             )
 
         def on_eval(step: int, d: TaskData = d, model: Any = model, method: Any = method) -> None:
-            score = _score(cfg, tok, model, d, d.eval, method.serve_adapter)
+            score = score_examples(model, tok, d, cfg, d.eval, method.serve_adapter)
             _log(
                 cb,
                 f"step {step}: {d.config.name} score {score:.3f}",
@@ -384,23 +392,9 @@ def _validator(cfg: RunConfig, d: TaskData, tok: Any, device: Any) -> Validator:
         return validation_loss(items, tok.pad_token_id, device, batch_size=cfg.eval.batch_size)
 
     def one_minus_score(model: Any, method: Any) -> float:
-        return 1.0 - _score(cfg, tok, model, d, d.val, method.serve_adapter)
+        return 1.0 - score_examples(model, tok, d, cfg, d.val, method.serve_adapter)
 
     return one_minus_score
-
-
-def _score(cfg: RunConfig, tok: Any, model: Any, d: TaskData, examples: list[Example], adapter: str) -> float:
-    """The task's scorer on greedy answers of `adapter` to `examples`."""
-    score, _ = score_task(
-        model,
-        tok,
-        examples,
-        d.config.scorer,
-        max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-        adapter=adapter,
-    )
-    return score
 
 
 def _register(

@@ -76,18 +76,25 @@ def score_column(
         buckets.setdefault(scoring.route(ex.instruction) if scoring.route else scoring.adapter, []).append(ex)
     total = 0.0
     for adapter, examples in buckets.items():
-        score, _ = score_task(
-            model,
-            tok,
-            examples,
-            d.config.scorer,
-            max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            adapter=adapter,
-        )
-        total += score * len(examples)
+        total += score_examples(model, tok, d, cfg, examples, adapter) * len(examples)
     used = {adapter or "base": len(examples) for adapter, examples in buckets.items()}
     return (total / len(d.eval) if d.eval else 0.0), used
+
+
+def score_examples(
+    model: Any, tok: Any, d: TaskData, cfg: RunConfig, examples: list[Example], adapter: str | None
+) -> float:
+    """Task `d`'s scorer on the greedy answers of `adapter` (None: the base model) to `examples`."""
+    score, _ = score_task(
+        model,
+        tok,
+        examples,
+        d.config.scorer,
+        max_new_tokens=d.config.max_new_tokens or cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        adapter=adapter,
+    )
+    return score
 
 
 def score_row(

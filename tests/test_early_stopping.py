@@ -182,3 +182,20 @@ def test_a_sequence_under_auto_holds_out_a_validation_split_and_reports_why_it_s
     assert info["stop_reason"] in {"plateau", "max_steps"} and info["best_step"] is not None
     assert info["validation_metric"] == "loss" and len(info["validation"]) >= 1
     assert [h["step"] for h in info["history"]][-1] == info["steps"]
+
+
+def test_val_metric_score_stops_on_one_minus_the_tasks_score(tmp_path, write_jsonl):
+    path = write_jsonl([{"prompt": q, "completion": a} for q, a in TASK_A * 2], "a.jsonl")
+    train = AUTO.model_copy(update={"val_metric": "score", "max_steps": 4})
+    task = TaskConfig(name="a", train=str(path), eval_fraction=0.2, max_new_tokens=3)
+    cfg = RunConfig(
+        model=ModelConfig(name="tiny-llama", device="cpu"),
+        lora=LORA,
+        train=train,
+        tasks=[task],
+        eval={"general": [], "heatmap": False},
+    )
+    run_sequence(cfg, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "results.json").read_text())["train"][0]
+    assert info["validation_metric"] == "score" and [v["step"] for v in info["validation"]] == [2, 4]
+    assert all(0.0 <= v["value"] <= 1.0 for v in info["validation"])  # 1 - exact match on 3 examples
