@@ -9,7 +9,7 @@ import pytest
 from peft import get_peft_model
 
 from cltune.config import LoraConfig
-from cltune.demo_data import BUILDERS
+from cltune.demo_data import BUILDERS, SEQUENCES
 from cltune.errors import NotFoundError
 from cltune.methods.common import peft_lora_config
 from cltune.models import build_tiny_llama
@@ -55,8 +55,8 @@ def tasks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Registry, dict[str,
     """A registry with one adapter per demo task (200-instruction codebooks); held-out instructions."""
     registry = Registry(tmp_path_factory.mktemp("router") / "adapters")
     held: dict[str, list[str]] = {}
-    for task, build in BUILDERS.items():
-        prompts = [r["prompt"] for r in build()]
+    for task in SEQUENCES["demo"]:
+        prompts = [r["prompt"] for r in BUILDERS[task]()]
         random.Random(0).shuffle(prompts)
         save(registry, task, prompts[:200], group=task)
         held[task] = prompts[200:220]
