@@ -85,9 +85,13 @@ def client(served: Served, other: bool = False) -> openai.OpenAI:
 
 
 def test_models_lists_base_auto_and_only_the_callers_adapters(served: Served) -> None:
-    ids = {m.id for m in client(served).models.list()}
-    assert {"base", "auto", "capitals", "capitals@1", "french", "french@1"} <= ids
+    models = {m.id: m for m in client(served).models.list()}
+    assert {"base", "auto", "capitals", "capitals@1", "french", "french@1"} <= set(models)
     assert {m.id for m in client(served, other=True).models.list()} == {"base", "auto"}
+    mine, base = models["capitals@1"], models["base"]
+    assert mine.owned_by not in ("cltune", "") and mine.owned_by == models["french"].owned_by  # the tenant
+    assert base.owned_by == "cltune" and mine.model_extra["base_model"] == base.model_extra["base_model"]
+    assert mine.created > 0
 
 
 def test_completion_names_the_adapter_and_counts_tokens(served: Served) -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -29,7 +30,7 @@ from cltune.errors import InvalidNameError, NotFoundError
 from cltune.models import load_model
 from cltune.registry import Registry
 from cltune.router import AUTO, BASE, Route, RouterParams, choose
-from service.api.deps import RegistryDep, TenantDep
+from service.api.deps import RegistryDep, SettingsDep, TenantDep
 from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse
 from service.engine import Completion, Engine, EngineParams, GenRequest, SamplingParams
@@ -425,17 +426,24 @@ async def create_chat_completion(
     )
 
 
+def _epoch(iso: str) -> int:
+    """An ISO-8601 timestamp as Unix seconds (OpenAI's `created`)."""
+    return int(datetime.fromisoformat(iso).timestamp())
+
+
 @router.get("/models", responses={401: ERRORS[401]})
-def list_models(registry: RegistryDep) -> dict[str, Any]:
-    """`base`, `auto`, and each of your adapters: by name (its latest version) and as name@version."""
+def list_models(registry: RegistryDep, tenant: TenantDep, settings: SettingsDep) -> dict[str, Any]:
+    """`base`, `auto`, and each of your adapters: by name (its latest version) and as name@version.
+    Adapters are `owned_by` your tenant and name the base model they were trained on (`base_model`)."""
     now = int(time.time())
 
-    def entry(mid: str, created: int = now) -> dict[str, Any]:
-        return {"id": mid, "object": "model", "created": created, "owned_by": "cltune"}
+    def entry(mid: str, owner: str, base: str, created: int = now) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": created, "owned_by": owner, "base_model": base}
 
-    data = [entry(BASE), entry(AUTO)]
+    data = [entry(BASE, "cltune", settings.engine_model), entry(AUTO, "cltune", settings.engine_model)]
     for name in registry.names():
         history = registry.history(name)
-        data.append(entry(name))
-        data += [entry(r.ref) for r in history]
+        created = [_epoch(r.created_at) for r in history]
+        data.append(entry(name, tenant, history[-1].base_model, created[-1]))
+        data += [entry(r.ref, tenant, r.base_model, c) for r, c in zip(history, created, strict=True)]
     return {"object": "list", "data": data}
