@@ -4,22 +4,20 @@ uvicorn on a loopback port: completions, chat, streaming, models, routing header
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from cltune.registry import Registry
 from service.api.app import create_app
 from service.settings import Settings
 
+from .api_support import serving
 from .test_engine import make_adapters
 
 ADMIN = "admin-key-for-tests"
@@ -63,19 +61,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             )
             keys.append((t.json()["id"], k.json()["key"]))
     make_adapters(Registry(settings.adapters_dir(keys[0][0])), ["capitals", "french"], codebooks=CODEBOOKS)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", keys[0][1], keys[1][1], settings)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(app) as url:
+        yield Served(f"{url}/v1", keys[0][1], keys[1][1], settings)
 
 
 def client(served: Served, other: bool = False) -> openai.OpenAI:

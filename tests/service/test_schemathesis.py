@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from cltune.registry import Registry
 from service import store
 
-from .api_support import ADMIN, job_config, jsonl, make_api, upload
+from .api_support import ADMIN, job_config, jsonl, make_api, serving, upload
 from .test_engine import make_adapters
 
 SEED = 15
@@ -77,24 +73,10 @@ def serve_for_fuzzing(tmp: Path) -> Iterator[Target]:
     api.client.post(f"/v1/jobs/{cancelled}/cancel", headers=h)
     spare = api.client.post(f"/v1/admin/tenants/{tenant}/keys", headers={"Authorization": f"Bearer {ADMIN}"})
     make_adapters(Registry(api.settings.adapters_dir(tenant)), ["capitals", "french"])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(api.client.app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
+    with serving(api.client.app) as url:
         yield Target(
-            f"http://127.0.0.1:{sock.getsockname()[1]}",
-            h["Authorization"].removeprefix("Bearer "),
-            [job, queued, cancelled],
-            spare.json()["id"],
+            url, h["Authorization"].removeprefix("Bearer "), [job, queued, cancelled], spare.json()["id"]
         )
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def run_schemathesis(t: Target, out: Path, max_examples: int = MAX_EXAMPLES, seed: int = SEED) -> dict:
