@@ -59,7 +59,7 @@ from cltune.methods import METHODS
 from cltune.methods.base import MethodState
 from cltune.models import LoadedModel, load_model, pretrain_tiny
 from cltune.sequence import run_sequence
-from cltune.stats import fmt, summarize_results
+from cltune.stats import fmt, mean_ci, summarize_results
 from cltune.train import Callbacks
 
 DEFAULT_METHODS = ["seq_lora", "ilora", "dema", "control_llm", "kappatune"]
@@ -248,20 +248,14 @@ def summarize(runs: list[dict[str, Any]], specs: list[str]) -> dict[str, Any]:
         mine = [r for r in runs if r["method"] == spec]
         s = summarize_results(mine, baseline if spec != "seq_lora" and baseline else None)
         s["learned"] = {  # R[i][i]: each task right after its own training
-            t: mean_of([r["R"][i + 1][i] for r in mine]) for i, t in enumerate(mine[0]["tasks"])
+            t: mean_ci([r["R"][i + 1][i] for r in mine]) for i, t in enumerate(mine[0]["tasks"])
         }
-        s["steps"] = mean_of([r["steps"] for r in mine])["mean"]
+        s["steps"] = mean_ci([r["steps"] for r in mine])["mean"]
         s["s_per_step"] = sum(r["train_s"] for r in mine) / max(1, sum(r["steps"] for r in mine))
         if spec.startswith("dema"):
-            s["routing_accuracy"] = mean_of([r["routing_accuracy"] for r in mine])
+            s["routing_accuracy"] = mean_ci([r["routing_accuracy"] for r in mine])
         out[spec] = s
     return out
-
-
-def mean_of(values: list[float]) -> dict[str, Any]:
-    from cltune.stats import mean_ci
-
-    return mean_ci(values)
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -8,15 +8,13 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from cltune.data import Example, encode_prompt, left_pad
-from cltune.methods.common import preserved_training_state
+from cltune.methods.common import using_adapter
 
 # ---------------------------------------------------------------- scorers: (prediction, reference) -> [0, 1]
 
@@ -138,31 +136,23 @@ def generate(
     adapter: a peft adapter name to use, or None for the base model (adapters disabled).
     """
     device = next(model.parameters()).device
-    out: list[str] = []
-    is_peft = isinstance(model, PeftModel)
-    with preserved_training_state(model):
-        model.eval()
-        if is_peft and adapter is not None:
-            model.set_adapter(adapter)
-        ctx = model.disable_adapter() if is_peft and adapter is None else nullcontext()
-        with ctx:
-            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
-            texts: dict[int, str] = {}
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                for row, i in enumerate(idx):
-                    texts[i] = tokenizer.decode(gen[row, ids.shape[1] :], skip_special_tokens=True).strip()
-            out = [texts[i] for i in range(len(prompts))]
-    return out
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+    texts: dict[int, str] = {}
+    with using_adapter(model, adapter):
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row, i in enumerate(idx):
+                texts[i] = tokenizer.decode(gen[row, ids.shape[1] :], skip_special_tokens=True).strip()
+    return [texts[i] for i in range(len(prompts))]
 
 
 def score_task(

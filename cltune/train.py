@@ -143,10 +143,7 @@ class EarlyStopping:
 
     def restore(self, model: nn.Module, method: Method) -> None:
         assert self.best is not None
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in self.best.tensors.items():
-                params[k].copy_(v)
+        copy_tensors_(model, self.best.tensors)
         method.load_state_dict(self.best.state)
 
     def save(self, directory: Path) -> dict[str, Any]:
@@ -246,13 +243,17 @@ def save_checkpoint(
 
 
 def load_model_tensors(model: nn.Module, path: Path) -> None:
-    saved = load_file(path)
+    copy_tensors_(model, load_file(path))
+
+
+def copy_tensors_(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors (adapter_tensors' names) into the model's parameters, in place."""
     params = dict(model.named_parameters())
-    missing = [k for k in saved if k not in params]
+    missing = [k for k in tensors if k not in params]
     if missing:
         raise ValueError(f"checkpoint has tensors the model lacks: {missing[:3]}")
     with torch.no_grad():
-        for k, v in saved.items():
+        for k, v in tensors.items():
             params[k].copy_(v)
 
 
