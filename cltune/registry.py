@@ -26,10 +26,11 @@ from safetensors.torch import save_file
 
 from cltune.config import check_name
 from cltune.errors import ConflictError, InvalidNameError, NotFoundError
-from cltune.methods.base import MethodState
+from cltune.methods.base import STATE_META, STATE_TENSORS, MethodState
 
 RECORD = "record.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+STATE_FILES = (STATE_TENSORS, STATE_META)  # MethodState.save's files
 HIGH_WATER = ".deleted_up_to"  # per name: the highest deleted version
 
 
@@ -151,6 +152,24 @@ class Registry:
                 state.save(tmp)
             for fname, data in (extra_files or {}).items():
                 (tmp / check_name(fname, "file name")).write_bytes(data)
+            return self._publish(tmp, name, record)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_files(self, src: Path, record: dict[str, Any]) -> AdapterRecord:
+        """Publish the peft files in `src` (adapter_config.json, adapter_model.safetensors and, when
+        present, a method state) as the next version of `record["name"]`: a checkpoint kept by a run,
+        or an adapter trained elsewhere. The caller has checked that they fit the base model."""
+        name = check_name(record["name"], "adapter name")
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".tmp-"))
+        try:
+            for fname in (*PEFT_FILES, *STATE_FILES):
+                if (src / fname).exists():
+                    shutil.copyfile(src / fname, tmp / fname)
+            missing = [f for f in PEFT_FILES if not (tmp / f).exists()]
+            if missing:
+                raise NotFoundError(f"{src.name}: missing {', '.join(missing)}", name=name)
             return self._publish(tmp, name, record)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

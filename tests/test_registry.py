@@ -213,3 +213,19 @@ def test_parse_ref():
     for bad in ["capitals@0", "capitals@x", "capitals@-1", "capitals@", "../x@1", "@2"]:
         with pytest.raises(InvalidNameError):
             parse_ref(bad)
+
+
+def test_save_files_publishes_a_copy_and_refuses_an_incomplete_folder(trained, tmp_path):
+    model, _ = trained
+    reg = Registry(tmp_path / "reg")
+    first = reg.save(model, "default", record("a"))
+    copy = reg.save_files(reg.path("a", first.version), record("b", notes={"checkpoint_step": 7}))
+    assert (copy.name, copy.version, copy.notes) == ("b", 1, {"checkpoint_step": 7})
+    assert digest(reg.path("a")).pop("adapter_model.safetensors") == digest(reg.path("b")).pop(
+        "adapter_model.safetensors"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NotFoundError, match="adapter_config.json"):
+        reg.save_files(empty, record("c"))
+    assert reg.versions_of("c") == []
