@@ -26,6 +26,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,21 @@ class RunSync:
                 d.rmdir()  # directories emptied above (a stale checkpoint/)
         self._save_local_state(manifest["id"])
         return True
+
+    def fetch(self, wanted: Callable[[str], bool]) -> list[str]:
+        """Copy the files of the store's latest snapshot whose relative path is `wanted` into the
+        local directory (a reader's copy: nothing else there is touched). Returns those paths."""
+        manifest = self.remote_manifest()
+        files: dict[str, str] = manifest["files"] if manifest else {}
+        out = []
+        for rel, sha in files.items():
+            if not wanted(rel):
+                continue
+            dest = self.dir / rel
+            if not (dest.is_file() and file_sha256(dest) == sha):
+                self.store.get_file(join(self.prefix, "blobs", sha), dest)
+            out.append(rel)
+        return out
 
     def delete(self) -> int:
         """Remove the run's snapshots from the store (manifest first)."""

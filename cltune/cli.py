@@ -14,6 +14,7 @@ from typing import Any
 from cltune.config import MethodConfig, RunConfig, load_config
 from cltune.errors import CLTuneError
 from cltune.evaluate import format_matrix
+from cltune.init_adapter import pin_config
 from cltune.registry import Registry
 from cltune.sequence import RunResult, run_sequence
 from cltune.train import Callbacks, Progress
@@ -113,7 +114,7 @@ def ensure_task_files(cfg: RunConfig) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = pin_config(load_config(args.config, args.overrides), Registry(data_dir() / "adapters"))
     ensure_task_files(cfg)
     res = run_config(cfg, Path(args.run_dir) if args.run_dir else None)
     print_result(res)

@@ -93,6 +93,9 @@ class TaskConfig(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)  # None: EvalConfig.max_new_tokens
     retain: str | None = None  # unlearning: JSONL of data to keep
     method: MethodConfig | None = None  # None: RunConfig.method
+    # first task only: start from this registry adapter ("name" = latest, or "name@N"), e.g. an imported
+    # one; its LoRA shape fixes lora.r, alpha, target_modules, layers_to_transform (cltune/init_adapter.py)
+    init_adapter: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -101,6 +104,20 @@ class TaskConfig(_Strict):
             return check_name(v, "task name")
         except InvalidNameError as e:
             raise ValueError(e.message) from None
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _init_adapter(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        name, sep, version = v.partition("@")
+        try:
+            check_name(name, "adapter name")
+        except InvalidNameError as e:
+            raise ValueError(e.message) from None
+        if sep and not (version.isdigit() and int(version) >= 1):
+            raise ValueError(f"invalid adapter version {version!r} in {v!r}: use name@N with N >= 1")
+        return v
 
     @field_validator("scorer")
     @classmethod
@@ -138,8 +155,12 @@ class TrainConfig(_Strict):
     max_len: int = Field(256, ge=8, le=131_072)
     seed: int = Field(0, ge=0, le=2**31 - 1)  # transformers' set_seed hands it to numpy (32-bit)
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: only when stopped
+    # servable checkpoints (the served adapter, peft format) kept per task: taken at each validation
+    # (auto) or every checkpoint_every steps; the most recent N plus the best are kept; 0: none
+    keep_checkpoints: int = Field(3, ge=0, le=1000)
     eval_every: int = Field(0, ge=0)  # optimizer steps; 0: only at task end
     log_every: int = Field(1, ge=1)
+    tensorboard: bool = False  # also write TensorBoard event files to run_dir/tensorboard (cltune.tracking)
     # several devices (cltune worker --devices-per-job N): "none" keeps a full copy of the base model on
     # each device; "fsdp" shards the frozen decoder layers across them (FSDP2), adapters stay replicated
     sharding: Literal["none", "fsdp"] = "none"
@@ -193,6 +214,29 @@ class RunConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _init_adapter_first(self) -> RunConfig:
+        """Only the first task starts from an adapter (the later ones continue from the task before),
+        and only with a method that continues from the weights it is handed."""
+        from cltune.methods import METHODS  # late: methods import this module
+
+        later = [i for i, t in enumerate(self.tasks) if i and t.init_adapter]
+        if later:
+            raise ValueError(
+                f"tasks.{later[0]}.init_adapter: only the first task can start from an adapter; "
+                "later tasks continue from the task before"
+            )
+        method = self.method_for(self.tasks[0]).name
+        if self.tasks[0].init_adapter is None:
+            return self
+        if not getattr(METHODS[method], "starts_from_adapter", True):
+            able = sorted(n for n, m in METHODS.items() if getattr(m, "starts_from_adapter", True))
+            raise ValueError(
+                f"tasks.0.init_adapter: method {method!r} chooses its own LoRA layout and cannot start "
+                f"from an adapter; use one of: {', '.join(able)}"
+            )
         return self
 
     def method_for(self, task: TaskConfig) -> MethodConfig:

@@ -69,6 +69,13 @@ class ConflictError(CLTuneError):
     kind = "conflict"
 
 
+class InvalidAdapterError(CLTuneError):
+    """An adapter from elsewhere (an uploaded archive) that cltune cannot store, serve or train on;
+    the message names what does not fit and what would."""
+
+    kind = "invalid_adapter"
+
+
 class MissingDependencyError(CLTuneError):
     """An optional package is needed for the requested feature."""
 

@@ -281,7 +281,7 @@ def cache_kwarg(model: nn.Module) -> str:
 # ---------------------------------------------------------------- structure without weights
 
 # SmolLM2-135M-Instruct's architecture, for when its converted directory (with config.json) is not cached
-# yet: layer names and counts are all that `model_structure` reads, so sizes only need to be valid.
+# yet: its real sizes, since `model_structure` also gives the Linear layers' shapes (adapter imports).
 SMOLLM2_CONFIG: dict[str, Any] = {
     "hidden_size": 576,
     "intermediate_size": 1536,
@@ -299,6 +299,7 @@ class ModelStructure:
 
     linear: tuple[str, ...]  # full module names of the Linear layers
     num_layers: int
+    features: tuple[tuple[int, int], ...] = ()  # (in_features, out_features) of each of `linear`
 
     def matches(self, key: str) -> bool:
         """Whether `key` names a Linear layer as peft matches target_modules: the full name or a suffix."""
@@ -334,5 +335,20 @@ def model_structure(name: str, cache_dir: str | None = None) -> ModelStructure |
             return None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    linear = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    return ModelStructure(linear, int(getattr(model.config, "num_hidden_layers", 0) or 0))
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return ModelStructure(
+        tuple(n for n, _ in linears),
+        int(getattr(model.config, "num_hidden_layers", 0) or 0),
+        tuple((m.in_features, m.out_features) for _, m in linears),
+    )
+
+
+def base_fingerprint(name: str, cache_dir: str | Path | None = None) -> str:
+    """The fingerprint `load_model` gives base model `name` (default seed), without loading its weights:
+    what an adapter trained elsewhere must name to be served on it. tiny-llama is built (milliseconds);
+    smollm2-135m hashes its GGUF once (cached by size and mtime); a directory hashes its config."""
+    if name == "tiny-llama":
+        return build_tiny_llama(ModelConfig.model_fields["seed"].default)[2]
+    if name == "smollm2-135m":
+        return _smollm2_sha(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    return _local(name)[1]

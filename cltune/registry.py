@@ -70,6 +70,20 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(ver)
 
 
+def write_peft(model: PeftModel, adapter: str, directory: Path) -> None:
+    """Write peft adapter `adapter` of `model` into `directory` under peft's default names, so
+    `PeftModel.from_pretrained(base, directory)` loads it whatever it was called in training."""
+    tensors = get_peft_model_state_dict(model, adapter_name=adapter)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        directory / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
+    config = copy.deepcopy(model.peft_config[adapter])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+
+
 class Registry:
     """Versioned adapters under `root`.
 
@@ -139,15 +153,7 @@ class Registry:
         (self.root / name).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".tmp-"))
         try:
-            tensors = get_peft_model_state_dict(model, adapter_name=adapter)
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                tmp / "adapter_model.safetensors",
-                metadata={"format": "pt"},
-            )
-            config = copy.deepcopy(model.peft_config[adapter])
-            config.inference_mode = True
-            config.save_pretrained(str(tmp))
+            write_peft(model, adapter, tmp)
             if state is not None:
                 state.save(tmp)
             for fname, data in (extra_files or {}).items():

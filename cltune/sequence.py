@@ -13,11 +13,14 @@ from typing import Any
 from safetensors.torch import save_file
 from transformers import set_seed
 
+from cltune import checkpoints
+from cltune.checkpoints import Keeper
 from cltune.config import RunConfig, TaskConfig, TrainConfig
 from cltune.data import Example, TokenStats, file_sha256, read_jsonl, split_holdout, tokenize
 from cltune.errors import ConfigError
 from cltune.evaluate import cl_metrics, write_results
 from cltune.general import GeneralEval
+from cltune.init_adapter import attach, check_started, open_init
 from cltune.methods import METHODS, build_method
 from cltune.methods.base import FORGOTTEN_EXAMPLES, MethodState, TaskContext
 from cltune.models import LoadedModel, load_model
@@ -33,6 +36,8 @@ from cltune.served import (
     served_scoring,
 )
 from cltune.stats import score_interval
+from cltune.tracking import LOG_DIR as TENSORBOARD_DIR
+from cltune.tracking import TensorBoardLog
 from cltune.train import (
     Callbacks,
     Validator,
@@ -176,8 +181,15 @@ def run_sequence(
     unlearn = [bool(getattr(METHODS[cfg.method_for(t).name], "unlearning", False)) for t in cfg.tasks]
     data = [read_task_data(t, cfg.train.seed, u, cfg.train) for t, u in zip(cfg.tasks, unlearn, strict=True)]
     loaded = loaded or load_model(cfg.model, cache_dir)
+    init = open_init(cfg, registry, loaded)  # tasks[0].init_adapter, checked before anything is trained
+    if init is not None:
+        progress["init_adapter"] = init.record.model_dump(mode="json")  # the first adapter's parent
     tok = loaded.tokenizer
     names = [t.name for t in cfg.tasks]
+    board = None
+    if cfg.train.tensorboard and (accelerator is None or accelerator.process_index == 0):
+        board = TensorBoardLog(run_dir / TENSORBOARD_DIR, names)
+        cb = board.tee(cb, lambda: sum(int(x["steps"]) for x in progress["train"]))
     model: Any = loaded.model
 
     def save_progress() -> None:
@@ -227,7 +239,12 @@ def run_sequence(
             forgotten=frozenset(handover.forgotten),
         )
         set_seed(cfg.train.seed + t)  # LoRA init in prepare and dropout: same config, same adapters
+        if t == 0 and init is not None:  # the adapter plays the task before the first
+            model, handover.previous = attach(model, cfg.lora, init)
+            _log(cb, f"{task.name} starts from adapter {init.ref}", adapter=init.ref)
         model = method.prepare(model, ctx, handover.previous)
+        if t == 0 and init is not None:
+            check_started(model, method, init)
         if accelerator is not None and cfg.train.sharding == "fsdp":
             from cltune.distributed import shard_frozen_layers
 
@@ -276,6 +293,7 @@ def run_sequence(
             callbacks=cb_task,
             accelerator=accelerator,  # data-parallel: cltune/distributed.py
             validate=validate,
+            keeper=_keeper(cfg, run_dir, loaded, method, d, t, progress, created_by, ctx.rank),
         )
         # a method that serves an approximation of what it trained: measure both forms (the gap)
         approx = getattr(method, "approximate_serving", False)
@@ -320,7 +338,19 @@ def run_sequence(
         progress["train"].append(train_info)
         if registry is not None:
             rec = _register(
-                registry, cfg, loaded, model, method, d, t, row, stats, state, progress, created_by
+                registry,
+                cfg,
+                loaded,
+                model,
+                method,
+                d,
+                t,
+                row,
+                stats,
+                state,
+                progress,
+                created_by,
+                result.best_step or result.steps,
             )
             progress["adapters"].append(rec.model_dump(mode="json"))
             _log(cb, f"registered adapter {rec.ref}", adapter=rec.ref)
@@ -329,6 +359,8 @@ def run_sequence(
         for leftover in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
             shutil.rmtree(run_dir / leftover, ignore_errors=True)
 
+    if board is not None:
+        board.close()
     R = progress["R"]
     done = len(R) == len(data) + 1
     metrics = cl_metrics(R, cfg.eval.bwt_normalizer, unlearning=unlearn, names=names) if done else {}
@@ -410,11 +442,39 @@ def _register(
     state: MethodState,
     progress: dict[str, Any],
     created_by: str,
+    checkpoint_step: int,
 ) -> AdapterRecord:
     task = d.config
-    parent = progress["adapters"][-1] if progress["adapters"] else None
-    group, codebook = _routing(method, d, state, parent)
+    group, codebook = _routing(method, d, state, _parent(progress))
     record = {
+        **_record_base(cfg, loaded, method, d, progress, created_by),
+        "metrics": {
+            "score": row[t],
+            "scorer": task.scorer,
+            "R_row": row,
+            "tasks": [x.name for x in cfg.tasks],
+            "train": stats.as_dict(),
+        },
+        "group": group,
+        "codebook": codebook,
+        "notes": {**state.meta.get("notes", {}), "checkpoint_step": checkpoint_step},
+    }
+    return registry.save(model, method.serve_adapter, record, state)
+
+
+def _parent(progress: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of the adapter the current task continues from: the last one registered, or the
+    adapter the run starts from (tasks[0].init_adapter)."""
+    return progress["adapters"][-1] if progress["adapters"] else progress.get("init_adapter")
+
+
+def _record_base(
+    cfg: RunConfig, loaded: LoadedModel, method: Any, d: TaskData, progress: dict[str, Any], created_by: str
+) -> dict[str, Any]:
+    """The registry record fields a task's adapter has from its start: what it is, what it was
+    trained on and from (lineage). Its kept checkpoints are published with these too."""
+    task, parent = d.config, _parent(progress)
+    return {
         "name": cfg.adapter_name or task.name,
         "base_model": loaded.name,
         "base_fingerprint": loaded.fingerprint,
@@ -432,19 +492,32 @@ def _register(
             }
             for role, sha in d.sha256.items()
         ],
-        "metrics": {
-            "score": row[t],
-            "scorer": task.scorer,
-            "R_row": row,
-            "tasks": [x.name for x in cfg.tasks],
-            "train": stats.as_dict(),
-        },
-        "group": group,
-        "codebook": codebook,
-        "notes": state.meta.get("notes", {}),
         "created_by": created_by,
     }
-    return registry.save(model, method.serve_adapter, record, state)
+
+
+def _keeper(
+    cfg: RunConfig,
+    run_dir: Path,
+    loaded: LoadedModel,
+    method: Any,
+    d: TaskData,
+    t: int,
+    progress: dict[str, Any],
+    created_by: str,
+    rank: int,
+) -> Keeper | None:
+    """Where a task's servable checkpoints go, with the record fields to publish them; None when
+    none are kept (keep_checkpoints: 0, another rank, or a method whose trained form is not what
+    it serves: its mid-task adapters could not be served as they are)."""
+    if not cfg.train.keep_checkpoints or rank != 0 or getattr(method, "approximate_serving", False):
+        return None
+    directory = checkpoints.task_dir(run_dir, t, d.config.name)
+    group, codebook = _routing(method, d, MethodState(), _parent(progress))
+    base = _record_base(cfg, loaded, method, d, progress, created_by)
+    checkpoints.write_task(directory, {**base, "group": group, "codebook": codebook})
+    metric = "loss" if cfg.train.val_metric == "loss" else "1 - score"
+    return checkpoints.Keeper(directory, cfg.train.keep_checkpoints, d.config.name, t, metric)
 
 
 def _routing(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from cltune.data import batches, collate
 from cltune.errors import StopRequested
 from cltune.methods.base import Method, MethodState, TaskContext
 from cltune.methods.common import mean_answer_ce, using_adapter
+
+if TYPE_CHECKING:
+    from cltune.checkpoints import Keeper
 
 
 @dataclass
@@ -285,11 +288,14 @@ def train_task(
     callbacks: Callbacks | None = None,
     accelerator: Any = None,
     validate: Validator | None = None,
+    keeper: Keeper | None = None,
 ) -> TaskResult:
     """Train `model` (already prepared by `method.prepare`) on one task.
 
     `validate` (with `steps: auto`): scores the served adapter, lower is better; the loop stops on a
     plateau and finishes on the best adapters. Without it "auto" trains `epochs` epochs.
+    `keeper`: keeps servable checkpoints of the served adapter (cltune.checkpoints) at each
+    validation, else every `checkpoint_every` steps and at the end.
     `accelerator` (data-parallel runs, cltune/distributed.py): this rank takes its share of every
     batch and gradients are averaged across ranks before each optimizer step; None: one process.
 
@@ -376,6 +382,10 @@ def train_task(
             patience_spent = early.update(model, method, done, validate(model, method))
             model.train()
             _log_validation(cb, task, early, done)
+            if keeper is not None and early.best is not None:
+                keeper.save(
+                    model, method.serve_adapter, done, loss_sum, early.curve[-1]["value"], early.best.step
+                )
             reason = "plateau" if patience_spent else None
         if reason is None and early is not None and cfg.max_minutes is not None:
             reason = "max_minutes" if elapsed >= 60 * cfg.max_minutes else None
@@ -389,6 +399,8 @@ def train_task(
             and done < total
         ):
             save_checkpoint(checkpoint_dir, model, method, opt, sched, done, early=early)
+            if keeper is not None and early is None:
+                keeper.save(model, method.serve_adapter, done, loss_sum)
             if cb.on_checkpoint is not None:  # e.g. copy it to a shared store so another host can resume
                 cb.on_checkpoint(done)
         if cb.on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
@@ -399,6 +411,8 @@ def train_task(
             early.restore(model, method)  # finish on the best adapters, not the last ones
         result.best_step, result.best_value = early.best.step, early.best.value
         result.validation = early.curve
+    elif keeper is not None and result.steps > start:
+        keeper.save(model, method.serve_adapter, result.steps, result.final_loss)
     result.seconds = time.perf_counter() - t_start
     model.eval()
     return result

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cltune.artifact_sync import RunSync, claim_version, pull_registry, push_registry
 from cltune.artifacts import ArtifactStore, LocalStore, S3Store, join
 from cltune.config import check_name
 from cltune.errors import ConfigError, DataError, NotFoundError
 from service.settings import Settings
+
+T = TypeVar("T")
 
 DATASET_FIELDS = ("train", "eval", "retain")  # TaskConfig fields that name a dataset file
 ARTIFACT_SETTINGS = ("artifact_store", "artifact_dir", "s3_endpoint_url", "s3_bucket", "s3_prefix")
@@ -79,6 +82,33 @@ def delete_dataset(settings: Settings, tenant_id: str, path: str | Path) -> None
     store = store_from_settings(settings)
     if store is not None:
         store.delete(dataset_key(tenant_id, path))
+
+
+def run_files(settings: Settings, job_id: str, wanted: Callable[[str], bool]) -> Path:
+    """A job's run directory as the API reads it: the local one when this host shares the worker's
+    data dir; with a shared store, a reader's copy of the `wanted` files of the latest snapshot."""
+    store = store_from_settings(settings)
+    if store is None:
+        return settings.runs_dir / job_id
+    reader = settings.data_dir / "cache" / "runs" / job_id
+    RunSync(store, run_prefix(job_id), reader).fetch(wanted)
+    return reader
+
+
+def register(settings: Settings, tenant_id: str, owner: str, write: Callable[[Any], T]) -> T:
+    """Register a new adapter version from the API (a published checkpoint, an imported adapter):
+    `write(registry)` writes it. With a shared store its number is claimed through the store, as the
+    runners' are, and the new version is pushed so every host serves it."""
+    from cltune.registry import Registry  # late: it loads torch and peft
+
+    root = settings.adapters_dir(tenant_id)
+    store = store_from_settings(settings)
+    if store is None:
+        return write(Registry(root))
+    prefix = adapters_prefix(tenant_id)
+    out = write(Registry(root, claim=lambda n, v: claim_version(store, prefix, n, v, owner)))
+    push_registry(store, prefix, root)
+    return out
 
 
 @dataclass

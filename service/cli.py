@@ -4,7 +4,8 @@ serve                      the API + one embedded worker on SQLite (prints the U
 worker [--burst] ...       claim and run jobs (settings from CLTUNE_* variables)
 tenants create|list        admin, straight to the database of CLTUNE_DATABASE_URL / CLTUNE_DATA_DIR
 keys create|revoke         admin: a new API key is printed once; only its hash is stored
-datasets|jobs|adapters     thin HTTP clients of a running server (CLTUNE_URL, CLTUNE_API_KEY)
+datasets|jobs|adapters     thin HTTP clients of a running server (CLTUNE_URL, CLTUNE_API_KEY);
+                           `adapters import FILE --name N --registry DIR` imports into a registry directory
 """
 
 from __future__ import annotations
@@ -218,6 +219,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     )
     elif args.action in ("cancel", "retry"):
         _print(_call("POST", f"/v1/jobs/{args.ref}/{args.action}"))
+    elif args.action == "checkpoints":
+        _print(_call("GET", f"/v1/jobs/{args.ref}/checkpoints"))
+    elif args.action == "publish":  # a kept checkpoint as a new adapter version
+        if args.task is None or args.step is None:
+            raise CLTuneError(
+                "jobs publish JOB: name the checkpoint with --task TASK --step N (see `jobs checkpoints`)"
+            )
+        body = {"task": args.task, "step": args.step, **({"name": args.name} if args.name else {})}
+        _print(_call("POST", f"/v1/jobs/{args.ref}/checkpoints/publish", json=body))
+    elif args.action == "metrics":  # CSV, one row per step: to stdout or -o FILE
+        with _client() as c:
+            r = c.get(f"/v1/jobs/{args.ref}/metrics", params={"format": "csv"})
+        if r.status_code >= 400:
+            raise CLTuneError(f"HTTP {r.status_code}: {r.text[:300]}")
+        if args.output:
+            Path(args.output).write_text(r.text)
+        else:
+            print(r.text, end="")
     elif args.action == "summary":  # ref: comma-separated job ids (one config, several seeds)
         params = {"ids": args.ref.split(","), "baseline": args.baseline.split(",") if args.baseline else []}
         _print(_call("GET", "/v1/jobs/summary", params=params))
@@ -242,9 +261,40 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             for chunk in r.iter_bytes():
                 f.write(chunk)
         print(out)
+    elif args.action == "import":
+        _print(_import_adapter(args))
     else:
         _call("DELETE", f"/v1/adapters/{args.ref}")
     return 0
+
+
+def _import_adapter(args: argparse.Namespace) -> Any:
+    """`adapters import FILE --name N [--base-model M]`: through the server, or with `--registry DIR`
+    straight into a registry directory (what `cltune train` reads: <data_dir>/adapters)."""
+    path = Path(args.ref)
+    if not path.is_file():
+        raise CLTuneError(f"adapters import: {str(path)!r} is not a file; pass a tar.gz or zip of peft files")
+    if not args.name:
+        raise CLTuneError("adapters import: name the adapter with --name NAME")
+    if args.registry:
+        from cltune.adapter_import import import_adapter
+        from cltune.registry import Registry
+
+        base = args.base_model or "smollm2-135m"
+        rec = import_adapter(
+            Registry(args.registry),
+            path,
+            args.name,
+            limit=1 << 40,  # a local file: the caller's own
+            base_model=args.base_model,
+            default_base=base,
+            cache_dir=Path(os.environ.get("CLTUNE_DATA_DIR", "data")) / "models",
+            filename=path.name,
+        )
+        return rec.model_dump(mode="json", exclude={"codebook"})
+    fields = {"name": args.name, **({"base_model": args.base_model} if args.base_model else {})}
+    with path.open("rb") as f:
+        return _call("POST", "/v1/adapters", files={"file": (path.name, f)}, data=fields)
 
 
 # ---------------------------------------------------------------- wiring
@@ -286,8 +336,22 @@ def add_service_commands(sub: Any) -> None:
 
     clients = {
         "datasets": (cmd_datasets, ["upload", "list", "delete"]),
-        "jobs": (cmd_jobs, ["submit", "list", "get", "events", "cancel", "retry", "summary"]),
-        "adapters": (cmd_adapters, ["list", "versions", "download", "delete", "export"]),
+        "jobs": (
+            cmd_jobs,
+            [
+                "submit",
+                "list",
+                "get",
+                "events",
+                "cancel",
+                "retry",
+                "summary",
+                "checkpoints",
+                "publish",
+                "metrics",
+            ],
+        ),
+        "adapters": (cmd_adapters, ["list", "versions", "download", "delete", "export", "import"]),
     }
     for name, (func, actions) in clients.items():
         p = sub.add_parser(
@@ -295,11 +359,19 @@ def add_service_commands(sub: Any) -> None:
         )
         p.add_argument("action", choices=actions)
         p.add_argument("ref", nargs="?", default="", help="file, id or name")
-        p.add_argument("--name", help="datasets upload: dataset name")
+        p.add_argument(
+            "--name", help="datasets upload: dataset name; adapters import, jobs publish: adapter name"
+        )
         p.add_argument("--status", help="jobs list: filter")
         p.add_argument("--priority", type=int, default=0, help="jobs submit")
         p.add_argument("--baseline", help="jobs summary: comma-separated job ids to compare against")
-        p.add_argument("-o", "--output", help="adapters download: archive path")
+        p.add_argument("-o", "--output", help="adapters download: archive path; jobs metrics: CSV path")
+        if name == "jobs":
+            p.add_argument("--task", help="jobs publish: the task of the kept checkpoint")
+            p.add_argument("--step", type=int, help="jobs publish: its step")
+        if name == "adapters":
+            p.add_argument("--base-model", help="adapters import: the base model it was trained on")
+            p.add_argument("--registry", help="adapters import: into this registry directory, not a server")
         p.set_defaults(func=func)
 
     demo = sub.choices["demo"]  # the library's demo, here run through the service as a user would

@@ -1,7 +1,8 @@
 """Stored rows (SQLAlchemy 2, typed ORM), engines and schema migrations.
 
 SQLite is the embedded default (one file in the data dir, WAL); PostgreSQL serves several hosts.
-Rows are named `...Row`; the job state machine and the domain objects live in service/store.py.
+Rows are named `...Row`; the job state machine and the domain objects live in service/store.py,
+webhook secrets and deliveries in service/webhooks.py.
 """
 
 from __future__ import annotations
@@ -149,6 +150,45 @@ class EventRow(Base):
     type: Mapped[str] = mapped_column(String(32))  # transition name | progress | log | eval
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class WebhookSecretRow(Base):
+    __tablename__ = "webhook_secrets"
+
+    # one per tenant. Stored in clear, unlike API keys: the server needs it to sign every delivery
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(64))  # "whsec_<43 url-safe chars>"
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    previous_secret: Mapped[str | None] = mapped_column(String(64), default=None)  # rotated out; still
+    previous_valid_until: Mapped[datetime | None] = mapped_column(default=None)  # signs until then
+
+
+class WebhookDeliveryRow(Base):
+    """The outbox: written in the transaction that ends a job, sent later by a worker's Deliverer."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # the claim query: WHERE status='pending' AND next_attempt_at <= now ORDER BY next_attempt_at
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at"),
+        Index("ix_webhook_deliveries_job", "job_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # "whd_<hex>": X-Cltune-Delivery
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)  # the body sent, as JSON
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # POSTs started so far
+    # pending: when the next attempt is due (while one is in flight: when it is retried if it never reports)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    signed: Mapped[bool | None] = mapped_column(Boolean, default=None)  # the last attempt carried a signature
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 # ---------------------------------------------------------------- engines

@@ -15,7 +15,8 @@ Messages, each a tuple (kind, payload dict):
 A crash (os._exit, segfault, OOM kill) sends nothing: the parent sees EOF and the exit code, and
 the Python stacks that faulthandler wrote to <run_dir>/crash.log.
 
-Only this module writes adapters (through cltune.sequence.run_sequence and the tenant's Registry).
+Only this module writes trained adapters (through cltune.sequence.run_sequence and the tenant's Registry);
+the API imports adapters trained elsewhere (POST /v1/adapters, cltune.adapter_import).
 Top-level imports are stdlib only: the noop job starts in milliseconds, torch loads only for training.
 """
 

@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     auth_disabled: bool = False  # local development only: every request acts as one default tenant
     admin_key: str | None = None  # creates tenants and API keys
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1)  # dataset uploads, bytes
+    max_adapter_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)  # adapter archives (POST /v1/adapters)
     lease_seconds: float = Field(30.0, gt=0)  # a running job whose lease is older is re-queued
     heartbeat_seconds: float = Field(5.0, gt=0)  # workers renew leases this often (< lease_seconds)
     max_attempts: int = Field(3, ge=1, le=100)  # claims of one job before it fails for good
@@ -55,6 +56,16 @@ class Settings(BaseSettings):
     # whether the workers train on CUDA (a job's model.device and quantization are checked against it
     # at submit); None: whether this host has CUDA. Set it where the API runs on a host without GPUs.
     worker_cuda: bool | None = None
+    # job webhooks (service/webhooks.py): sent by a thread of every worker
+    webhook_max_attempts: int = Field(8, ge=1, le=20)  # POSTs of one delivery before it is `failed`
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)  # per connect / write / read of one POST
+    webhook_poll_seconds: float = Field(1.0, gt=0, le=60)  # how often a worker looks for due deliveries
+    webhook_concurrency: int = Field(4, ge=1, le=64)  # POSTs in flight at once per worker
+    webhook_secret_grace_seconds: float = Field(24 * 3600, ge=0)  # after a rotation the old secret
+    #   also signs this long (a second v1= in the header), so receivers can switch without losing events
+    # loopback, private, link-local (cloud metadata) and reserved addresses are refused as webhook hosts
+    # unless this is set: a job's URL must not reach into the network the workers sit in
+    webhook_allow_private: bool = False
 
     @model_validator(mode="after")
     def _default_db(self) -> Settings:

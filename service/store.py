@@ -6,6 +6,9 @@
       +--fail(retry) / lease expired / release--+
     queued --request_cancel--> cancelled;   failed | cancelled --retry--> queued
 
+Every transition into succeeded, failed or cancelled also queues the job's webhook, if its request named
+one, in the same transaction (service/webhooks.py: the outbox a worker's Deliverer sends).
+
 Claims are atomic: PostgreSQL locks the chosen row with FOR UPDATE SKIP LOCKED (concurrent workers
 take different rows without waiting); SQLite opens the claim with BEGIN IMMEDIATE (one writer at a
 time). Every update of a running job is conditional on the lease owner, so a worker whose lease
@@ -22,6 +25,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from cltune.errors import ConfigError, ConflictError, NotFoundError
+from service import webhooks
 from service.db import TERMINAL, DatasetRow, EventRow, JobRow, JobStatus, new_id, session, utcnow
 
 __all__ = ["Event", "Job", "JobStatus", "LeaseLost"]
@@ -62,6 +66,10 @@ class Job:
             status=JobStatus(row.status),
         )
 
+    @property
+    def webhook_url(self) -> str | None:
+        return webhooks.webhook_url_of(self.spec)
+
 
 @dataclass(frozen=True)
 class Event:
@@ -97,7 +105,8 @@ def _event(s: Session, job: JobRow, type_: str, message: str, level: str = "info
 
 
 def _set(s: Session, job: JobRow, status: JobStatus, message: str, level: str = "info", **data: Any) -> None:
-    """The one place a status changes: update the row and write the transition's event."""
+    """The one place a status changes: update the row, write the transition's event and, when the job
+    ends, queue its webhook (all in the caller's transaction)."""
     old = job.status
     job.status = status.value
     job.updated_at = utcnow()
@@ -106,6 +115,8 @@ def _set(s: Session, job: JobRow, status: JobStatus, message: str, level: str = 
     if status is not JobStatus.RUNNING:
         job.lease_owner, job.lease_expires_at = None, None
     _event(s, job, status.value, message, level, previous=old, attempt=job.attempts, **data)
+    if status in TERMINAL:
+        webhooks.record(s, job, status)
 
 
 def _locked(s: Session, job_id: str) -> JobRow | None:

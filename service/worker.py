@@ -9,6 +9,9 @@ exit code and the faulthandler stacks. Nothing a job does can take the worker do
 
 On SIGTERM/SIGINT the worker stops claiming, asks its children to stop (they checkpoint) and puts their
 jobs back in the queue without spending an attempt.
+
+While it runs, a Deliverer thread (service/webhooks.py) sends the webhooks of ended jobs: its POSTs
+never hold up the claim loop or a supervisor, however slow a receiver is.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import runner, store
+from service import runner, store, webhooks
 from service.artifacts import artifact_settings
 from service.db import init_db, make_engine
 from service.settings import Settings, get_settings
@@ -76,6 +79,7 @@ class Worker:
         self.stopping = threading.Event()  # graceful shutdown: stop claiming, hand running jobs back
         self._ended: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # slots of ended jobs; None: wake up
         self._ctx = mp.get_context("spawn")
+        self.deliverer: webhooks.Deliverer | None = None  # sends webhooks while run() runs
 
     def stop(self) -> None:
         self.stopping.set()
@@ -85,6 +89,7 @@ class Worker:
         """Claim and run jobs. `burst`: return once nothing is queued and nothing runs;
         `max_jobs`: return after that many claims have finished. Returns the number of jobs run."""
         restore = self._install_signal_handlers()
+        self.deliverer = deliverer = webhooks.Deliverer(self.engine, self.settings).start()
         running: dict[int, threading.Thread] = {}  # device slot -> supervisor
         claimed = 0
         next_requeue = 0.0
@@ -121,6 +126,7 @@ class Worker:
                 self.stopping.set()  # an error or a signal: supervisors hand their jobs back
             for t in running.values():
                 t.join()
+            deliverer.stop()  # not waited for: a POST in flight finishes on its own (daemon thread)
             restore()
         return claimed
 

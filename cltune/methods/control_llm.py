@@ -173,6 +173,8 @@ class ControlLlm:
     # trained as the two-pass interpolation, served as the merged-back LoRA: the sequence measures the
     # gap between the two per task (cltune.served) and scores R with the served form
     approximate_serving: ClassVar[bool] = True
+    # its adapter covers only the layers it expands, trained unscaled: not a layout it can be handed
+    starts_from_adapter: ClassVar[bool] = False
 
     def __init__(self, params: ControlLlmParams | None = None) -> None:
         self.params = params or ControlLlmParams()

@@ -225,6 +225,8 @@ def adapted_modules(model: nn.Module, adapter: str = ADAPTER) -> list[str]:
 class KappaTune:
     name: ClassVar[str] = "kappatune"
     Params: ClassVar[type[BaseModel]] = KappaTuneParams
+    # its targets and rank come from the base model's condition numbers, not from an adapter it is handed
+    starts_from_adapter: ClassVar[bool] = False
 
     def __init__(self, params: KappaTuneParams | None = None) -> None:
         self.params = params or KappaTuneParams()

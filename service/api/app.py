@@ -9,7 +9,7 @@ from service import auth
 from service import datasets as dataset_store
 from service.api import errors
 from service.api.metrics import LatencyMiddleware, Metrics
-from service.api.routes import adapters, admin, datasets, health, jobs, openai
+from service.api.routes import adapters, admin, datasets, health, job_outputs, jobs, openai, webhooks
 from service.db import init_db, make_engine
 from service.settings import Settings, get_settings
 
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings, app.state.engine = settings, engine
     app.state.metrics = Metrics(engine)
     app.state.key_cache = auth.KeyCache(settings.auth_cache_seconds)
-    for module in (datasets, jobs, adapters, admin, health, openai):
+    for module in (datasets, jobs, job_outputs, adapters, admin, health, openai, webhooks):
         app.include_router(module.router)
     errors.install(app)
     app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)

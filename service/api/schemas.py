@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cltune.config import NAME_RE
 from cltune.registry import AdapterRecord
@@ -14,6 +14,7 @@ from service.auth import ApiKey, Tenant
 from service.datasets import Dataset
 from service.db import JobStatus
 from service.store import Event, Job
+from service.webhooks import MAX_URL_CHARS, Delivery, DeliveryStatus, WebhookSecret, check_url
 
 
 class _In(BaseModel):
@@ -96,6 +97,21 @@ class JobCreate(_In):
     max_attempts: int | None = Field(
         None, ge=1, le=100, description="claims before it fails; default from CLTUNE_MAX_ATTEMPTS"
     )
+    webhook_url: str | None = Field(
+        None,
+        max_length=MAX_URL_CHARS,
+        description="POSTed job.succeeded | job.failed | job.cancelled when the job ends, signed with "
+        "your tenant's webhook secret (POST /v1/webhooks/secret); an absolute http(s) URL",
+        json_schema_extra={
+            "pattern": "^https?://[^/?#\\s]+",
+            "examples": ["https://example.com/hooks/cltune"],
+        },
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_url(url)
 
 
 class JobPublic(BaseModel):
@@ -110,6 +126,7 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None
     error: str | None
     traceback: str | None  # of the last failed attempt (the job's own training code, never a request error)
+    webhook_url: str | None  # notified when the job ends (see GET /v1/webhooks/deliveries)
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -129,6 +146,7 @@ class JobPublic(BaseModel):
             result=j.result,
             error=j.error,
             traceback=j.traceback,
+            webhook_url=j.webhook_url,
             created_at=j.created_at,
             started_at=j.started_at,
             finished_at=j.finished_at,
@@ -161,6 +179,62 @@ class EventList(BaseModel):
     next_after_id: int  # the cursor for the next page
 
 
+# ---------------------------------------------------------------- webhooks
+
+
+class WebhookSecretPublic(BaseModel):
+    created_at: datetime
+    previous_valid_until: datetime | None = Field(
+        description="the secret it replaced also signs deliveries until then (a second v1= in the header)"
+    )
+
+    @classmethod
+    def of(cls, w: WebhookSecret) -> WebhookSecretPublic:
+        return cls(created_at=w.created_at, previous_valid_until=w.previous_valid_until)
+
+
+class WebhookSecretCreated(WebhookSecretPublic):
+    secret: str = Field(description="the signing secret; shown only in this response")
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: str  # also X-Cltune-Delivery and the payload's id: receivers dedupe by it
+    job_id: str
+    type: str  # job.succeeded | job.failed | job.cancelled
+    url: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None  # pending only: when the next attempt is due
+    last_status_code: int | None  # the receiver's answer to the last attempt (None: no answer)
+    last_error: str | None  # why the last attempt failed
+    signed: bool | None  # whether the last attempt carried X-Cltune-Signature
+    payload: dict[str, Any]  # the JSON body sent
+    created_at: datetime
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, d: Delivery) -> WebhookDeliveryPublic:
+        return cls(
+            id=d.id,
+            job_id=d.job_id,
+            type=d.type,
+            url=d.url,
+            status=d.status,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at,
+            last_status_code=d.last_status_code,
+            last_error=d.last_error,
+            signed=d.signed,
+            payload=d.payload,
+            created_at=d.created_at,
+            delivered_at=d.delivered_at,
+        )
+
+
+class WebhookDeliveryList(Page):
+    items: list[WebhookDeliveryPublic]
+
+
 # ---------------------------------------------------------------- adapters
 
 
@@ -191,6 +265,32 @@ class AdapterPublic(BaseModel):
 
 class AdapterList(BaseModel):
     items: list[AdapterPublic]
+
+
+class CheckpointPublic(BaseModel):
+    """A servable checkpoint a job kept: the served adapter at one step of one task."""
+
+    task: str
+    task_index: int
+    step: int
+    train_loss: float
+    validation: float | None  # the early-stopping value at this step (lower is better)
+    validation_metric: str | None  # "loss" (answer-token CE) or "1 - score"
+    registered: str | None  # name@version when this is the step the task registered (its best)
+
+
+class CheckpointList(BaseModel):
+    items: list[CheckpointPublic]
+
+
+class CheckpointPublish(_In):
+    task: str = Field(description="the task whose checkpoint to publish", max_length=64)
+    step: int = Field(ge=1, le=10_000_000, description="a step listed by GET /v1/jobs/{id}/checkpoints")
+    name: str | None = Field(
+        None,
+        description="the adapter name to publish it under (default: the task's adapter name; a new version)",
+        json_schema_extra={"pattern": NAME_RE.pattern},
+    )
 
 
 # ---------------------------------------------------------------- admin

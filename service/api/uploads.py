@@ -45,13 +45,15 @@ def part_filename(disposition: bytes, params: dict[bytes, bytes]) -> str | None:
     return fn.decode("utf-8", "replace") if fn else None
 
 
-def too_large(limit: int) -> ApiError:
+DATASET_HINT = "split the dataset or raise CLTUNE_MAX_UPLOAD_BYTES"
+
+
+def too_large(limit: int, hint: str = DATASET_HINT) -> ApiError:
     mb = limit / (1024 * 1024)
     return ApiError(
         413,
         "payload_too_large",
-        f"upload exceeds the limit of {limit} bytes ({mb:.1f} MiB); "
-        "split the dataset or raise CLTUNE_MAX_UPLOAD_BYTES",
+        f"upload exceeds the limit of {limit} bytes ({mb:.1f} MiB); {hint}",
         limit_bytes=limit,
     )
 
@@ -64,11 +66,12 @@ class Sink:
     limit: int
     size: int = 0
     digest: object = field(default_factory=hashlib.sha256)
+    hint: str = DATASET_HINT  # what to do about a 413
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
-            raise too_large(self.limit)
+            raise too_large(self.limit, self.hint)
         self.digest.update(data)  # type: ignore[attr-defined]
         self.fh.write(data)
 
@@ -85,24 +88,32 @@ class Received:
     fields: dict[str, str]  # multipart: small text fields (e.g. name)
 
 
-async def receive_raw(chunks: AsyncIterator[bytes], dest: Path, limit: int) -> Received:
+async def receive_raw(
+    chunks: AsyncIterator[bytes], dest: Path, limit: int, hint: str = DATASET_HINT
+) -> Received:
     with dest.open("wb") as fh:
-        sink = Sink(fh, limit)
+        sink = Sink(fh, limit, hint=hint)
         async for chunk in chunks:
             sink.write(chunk)
     return Received(sink.size, sink.sha256, None, {})
 
 
 async def receive_multipart(
-    chunks: AsyncIterator[bytes], content_type: str, dest: Path, limit: int
+    chunks: AsyncIterator[bytes],
+    content_type: str,
+    dest: Path,
+    limit: int,
+    hint: str = DATASET_HINT,
+    example: str = "send the JSONL as -F file=@data.jsonl (and optionally -F name=...)",
 ) -> Received:
-    """Write the part named `file` to `dest`; keep other (small) fields. 422 if there is no file part."""
+    """Write the part named `file` to `dest`; keep other (small) fields. 422 if there is no file part
+    (`example` says how to send one); over `limit` bytes, 413 with `hint`."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise ApiError(400, "invalid_request", "multipart/form-data body without a boundary parameter")
     with dest.open("wb") as fh:
-        parts = _Parts(Sink(fh, limit))
+        parts = _Parts(Sink(fh, limit, hint=hint))
         parser = MultipartParser(boundary, parts.callbacks(), max_header_count=16)
         async for chunk in chunks:
             try:
@@ -120,11 +131,7 @@ async def receive_multipart(
         )
     if not parts.got_file:
         raise ApiError(
-            422,
-            "invalid_request",
-            "multipart upload without a 'file' part; send the JSONL as "
-            "-F file=@data.jsonl (and optionally -F name=...)",
-            field="file",
+            422, "invalid_request", f"multipart upload without a 'file' part; {example}", field="file"
         )
     return Received(parts.sink.size, parts.sink.sha256, parts.filename, parts.fields)
 

@@ -24,6 +24,12 @@ B_REQUESTS = {
     ("GET", "/v1/jobs/{job_id}/events/stream"): 404,
     ("POST", "/v1/jobs/{job_id}/cancel"): 404,
     ("POST", "/v1/jobs/{job_id}/retry"): 404,
+    ("GET", "/v1/jobs/{job_id}/checkpoints"): 404,
+    ("POST", "/v1/jobs/{job_id}/checkpoints/publish"): 404,
+    ("GET", "/v1/jobs/{job_id}/metrics"): 404,
+    ("GET", "/v1/jobs/{job_id}/plots/{plot}"): 404,
+    ("GET", "/v1/jobs/{job_id}/tensorboard"): 404,
+    ("POST", "/v1/adapters"): None,  # imports into B's own registry: tests/service/test_adapter_import.py
     ("GET", "/v1/adapters"): "list",
     ("GET", "/v1/adapters/{name}"): 404,
     ("DELETE", "/v1/adapters/{name}"): 404,
@@ -33,10 +39,14 @@ B_REQUESTS = {
     ("GET", "/v1/models"): "list",  # OpenAI-compatible inference: A's adapters are not B's models
     ("POST", "/v1/completions"): 404,
     ("POST", "/v1/chat/completions"): 404,
+    ("POST", "/v1/webhooks/secret"): None,  # rotates B's own secret
+    ("GET", "/v1/webhooks/secret"): 404,  # B has none; A's is never shown to B
+    ("GET", "/v1/webhooks/deliveries"): "list",  # A's cancelled job notified A's URL
 }
 BODIES = {
     "/v1/completions": {"model": "secret-adapter", "prompt": "hi", "max_tokens": 1},
     "/v1/chat/completions": {"model": "secret-adapter", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/jobs/{job_id}/checkpoints/publish": {"task": "t", "step": 1},
 }
 NOT_TENANT_SCOPED = {"/healthz", "/metrics"}
 
@@ -49,7 +59,9 @@ def world(tmp_path: Path, db_url: str) -> tuple[Api, dict[str, str], dict[str, s
     _, b = api.tenant("tenant-b")
     ds = upload(api, a)
     running = api.client.post("/v1/jobs", json={"config": job_config(ds)}, headers=a).json()["id"]
-    cancelled = api.client.post("/v1/jobs", json={"config": job_config(ds)}, headers=a).json()["id"]
+    hook = {"config": job_config(ds), "webhook_url": "https://hooks.example.com/cltune"}
+    cancelled = api.client.post("/v1/jobs", json=hook, headers=a).json()["id"]
+    assert api.client.post("/v1/webhooks/secret", headers=a).status_code == 201
     assert api.client.post(f"/v1/jobs/{cancelled}/cancel", headers=a).status_code == 200  # retryable
     fake_adapter(api.settings, a_id, "secret-adapter")
     ids = {
@@ -58,6 +70,7 @@ def world(tmp_path: Path, db_url: str) -> tuple[Api, dict[str, str], dict[str, s
         "cancelled": cancelled,
         "name": "secret-adapter",
         "version": "1",
+        "plot": "heatmap",
     }
     return api, a, b, ids
 
@@ -89,16 +102,14 @@ def test_tenant_b_cannot_list_read_download_cancel_retry_or_delete_tenant_a_reso
         if expect == "list":
             assert r.status_code == 200, (method, path, r.text)
             items = r.json()["items"] if "items" in r.json() else r.json()["data"]
-            assert not any(ids["dataset_id"] in str(x) or "secret-adapter" in str(x) for x in items), (
-                path,
-                items,
-            )
+            leaks = (ids["dataset_id"], ids["job_id"], ids["cancelled"], "secret-adapter")
+            assert not any(leak in str(x) for x in items for leak in leaks), (path, items)
             continue
         assert r.status_code == expect, (method, path, r.status_code, r.text)
         err = r.json()["error"]
         if expect == 422:
             assert ids["dataset_id"] in err["message"]
-        elif template in BODIES:  # OpenAI's error shape for an unknown model
+        elif template.endswith("completions"):  # OpenAI's error shape for an unknown model
             assert err["code"] == "model_not_found"
         else:
             assert err["type"] == "not_found"

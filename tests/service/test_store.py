@@ -186,13 +186,15 @@ def test_list_jobs_filters_by_status_and_paginates_newest_first(engine: Engine) 
 
 
 def test_init_db_is_idempotent_and_times_come_back_as_aware_utc(engine: Engine) -> None:
+    from alembic.script import ScriptDirectory
     from sqlalchemy import text
 
-    from service.db import init_db
+    from service.db import alembic_config, init_db
 
     init_db(engine)  # already at head: a no-op, not an error
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
     with engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == head == "0002"
     job = _enqueue(engine)
     got = store.get_job(engine, "t_a", job.id).created_at
     assert got.tzinfo is not None and got.utcoffset() == timedelta(0) and got == job.created_at

@@ -36,6 +36,7 @@ from service.api.schemas import (
 )
 from service.datasets import DATASET_FIELDS, find_datasets
 from service.db import TERMINAL, JobStatus
+from service.init_adapters import resolve_init_adapter
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -80,6 +81,7 @@ def resolve_config(engine: Engine, settings: Settings, tenant: str, config: dict
                 "message": f"unknown model {str(name)[:80]!r}; valid: {', '.join(sorted(CATALOG))}",
             }
         )
+    errors += resolve_init_adapter(settings, tenant, cfg)  # before parsing: it fills lora from the adapter
     errors += preflight.non_finite(cfg)
     try:
         parsed = parse_config(cfg)
