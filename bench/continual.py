@@ -63,6 +63,7 @@ from cltune.stats import fmt, mean_ci, summarize_results
 from cltune.train import Callbacks
 
 DEFAULT_METHODS = ["seq_lora", "ilora", "dema", "control_llm", "kappatune"]
+SESSION_ARGS = ("methods", "seeds", "jobs", "threads", "out", "runs_dir")  # not part of a run's result
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Three fact tasks with their own template and answer vocabulary: which of 8 answers belongs to a
 # random 3-5 letter key. Per task the keys are new, so the base model can only guess (R[0] ~ 1/8).
@@ -227,16 +228,40 @@ def run_one(spec: str, seed: int, args: argparse.Namespace, work: Path) -> dict[
     return out
 
 
+def saved_run(args: argparse.Namespace, spec: str, seed: int) -> Path | None:
+    """Where `--runs-dir` keeps the result of one (method, seed) run."""
+    if args.runs_dir is None:
+        return None
+    return Path(args.runs_dir) / f"{args.model}-{args.sequence}-{spec}-{seed}.json".replace(":", "_")
+
+
+def run_saved(spec: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One run, or its saved result from an earlier invocation with the same settings (`--runs-dir`:
+    a long benchmark survives interruptions, and runs done by several invocations are summarised together)."""
+    path = saved_run(args, spec, seed)
+    settings = {k: v for k, v in vars(args).items() if k not in SESSION_ARGS}
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            print(f"[continual] {spec} seed {seed}: saved result {path}", flush=True)
+            return dict(saved["run"])
+    out = run_one(spec, seed, args, work)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings, "run": out}, indent=1))
+    return out
+
+
 def run_all(specs: list[str], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Every (method, seed) run, `args.jobs` at a time in spawned processes (1: in this process)."""
     todo = [(spec, seed) for seed in args.seeds for spec in specs]
     if args.jobs == 1:
-        return [run_one(spec, seed, args, work) for spec, seed in todo]
+        return [run_saved(spec, seed, args, work) for spec, seed in todo]
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(run_one, spec, seed, args, work) for spec, seed in todo]
+        futures = [pool.submit(run_saved, spec, seed, args, work) for spec, seed in todo]
         return [f.result() for f in futures]
 
 
@@ -330,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--general-n", type=int, default=32, help="examples per general-ability probe")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--out", default=None, help="also write the JSON report here")
+    ap.add_argument(
+        "--runs-dir", default=None, help="save each run's result here and reuse saved ones (same settings)"
+    )
     args = ap.parse_args(argv)
     tiny = args.model == "tiny-llama"
     args.steps = args.steps or ("200" if tiny else "auto")

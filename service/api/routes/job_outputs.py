@@ -35,6 +35,7 @@ from service.store import Event
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 404, 409, 422)}
+BODY_ERRORS: dict[int | str, dict] = {**ERRORS, **{c: {"model": ErrorResponse} for c in (400, 415)}}
 PROGRESS = "progress.json"
 EVENT_PAGE = 500
 MAX_EVENTS = 1_000_000  # a job logs one progress event per step: far more steps than any task takes
@@ -79,7 +80,9 @@ def list_checkpoints(
     return CheckpointList(items=items)
 
 
-@router.post("/{job_id}/checkpoints/publish", status_code=201, response_model=AdapterPublic, responses=ERRORS)
+@router.post(
+    "/{job_id}/checkpoints/publish", status_code=201, response_model=AdapterPublic, responses=BODY_ERRORS
+)
 def publish_checkpoint(
     job_id: str, body: CheckpointPublish, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
 ) -> AdapterPublic:
