@@ -1,8 +1,21 @@
-"""Serving throughput of the inference engine: mixed-adapter batches vs one adapter vs no adapter vs one
-request at a time vs peft's own mixed-adapter path, all cases interleaved in one process.
+"""Serving throughput of the inference engine, two suites (`--suite`), all cases interleaved in one process.
 
-    .venv/bin/python bench/serve.py                                   # tiny-llama
+    .venv/bin/python bench/serve.py                                   # adapters suite, tiny-llama
     .venv/bin/python bench/serve.py --model smollm2-135m --reps 2     # SmolLM2-135M (minutes on CPU)
+    .venv/bin/python bench/serve.py --suite scheduler                 # continuous vs static batching
+
+Scheduler suite: the same engine with the static scheduler (a batch runs to completion before the next
+is gathered) and the continuous one (requests join and leave the batch at every decode step), side by
+side for each of `--levels` (default 1, 4, 16) concurrent clients. Each client sends `--per-client`
+requests one after another, waiting an exponentially distributed gap (mean `--mean-gap-ms`) before each,
+so arrivals are staggered (Poisson per client); every request asks for a number of greedy tokens drawn
+uniformly from `--min-new`..`--max-new` (default 32..128, ignore_eos), with prompts of different lengths
+over 8 adapters and the base model; the same requests and gaps for both schedulers. Reports tokens/s,
+p50/p99 time to first token (submit -> first token), per-token latency (a request's (finish - first
+token) / (tokens - 1)) and request latency, the continuous/static ratios, and whether both schedulers
+gave exactly the same greedy tokens.
+
+Adapters suite (the default):
 
 `--clients` threads (default 16) each send `--per-client` requests one after another (closed loop) to the
 engine's scheduler; every request asks for exactly `--new-tokens` greedy tokens (ignore_eos). Cases:
@@ -25,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -45,7 +59,15 @@ from cltune.config import LoraConfig, ModelConfig  # noqa: E402
 from cltune.methods.common import peft_lora_config  # noqa: E402
 from cltune.models import LoadedModel, cache_kwarg, load_model  # noqa: E402
 from cltune.registry import Registry  # noqa: E402
-from service.engine import AdapterKey, Engine, EngineParams, Forward, GenRequest, SamplingParams  # noqa: E402
+from service.engine import (  # noqa: E402
+    AdapterKey,
+    Completion,
+    Engine,
+    EngineParams,
+    Forward,
+    GenRequest,
+    SamplingParams,
+)
 
 TENANT = "bench"
 CASES = ["a", "b", "b32", "c", "e", "p"]
@@ -197,18 +219,244 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
+# ---------------------------------------------------------------- scheduler suite
+
+
+def scheduler_plan(
+    loaded: LoadedModel, keys: list[AdapterKey], clients: int, per_client: int, args: argparse.Namespace
+) -> list[list[tuple[float, GenRequest]]]:
+    """Per client: (gap before sending in s, request), drawn from a generator seeded by the level."""
+    g = random.Random(args.seed * 1000 + clients)
+    words = [
+        "the",
+        "river",
+        "runs",
+        "past",
+        "old",
+        "stone",
+        "walls",
+        "and",
+        "quiet",
+        "fields",
+        "under",
+        "a",
+        "grey",
+        "sky",
+    ]
+    plan = []
+    for c in range(clients):
+        reqs = []
+        for i in range(per_client):
+            k = c * per_client + i
+            ctx = " ".join(g.choice(words) for _ in range(g.randint(0, 40)))
+            text = (
+                f"{ctx}. Tell me one fact about topic {k}." if ctx else f"Tell me one fact about topic {k}."
+            )
+            ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+            key = None if k % 9 == 8 else keys[k % len(keys)]  # 8 adapters and the base model
+            n = g.randint(args.min_new, args.max_new)
+            sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            reqs.append((g.expovariate(1000 / args.mean_gap_ms), GenRequest(ids, key, sp)))
+        plan.append(reqs)
+    return plan
+
+
+def run_scheduler_case(engine: Engine, plan: list[list[tuple[float, GenRequest]]]) -> dict[str, Any]:
+    """One thread per client, each sending its requests one after another after its gaps."""
+    outs: dict[tuple[int, int], Completion] = {}
+    start = threading.Barrier(len(plan) + 1)
+
+    def client(c: int) -> None:
+        start.wait()
+        for i, (gap, req) in enumerate(plan[c]):
+            time.sleep(gap)
+            outs[c, i] = engine.submit(req).result()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(plan))]
+    for t in threads:
+        t.start()
+    steps0 = engine.stats["steps"]
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done = [outs[k] for k in sorted(outs)]
+    ttft = [o.timing.first_token - o.timing.submitted for o in done]
+    tpot = [(o.timing.finished - o.timing.first_token) / max(1, len(o.token_ids) - 1) for o in done]
+    latency = [o.timing.finished - o.timing.submitted for o in done]
+    return {
+        "wall_s": wall,
+        "tokens": sum(len(o.token_ids) for o in done),
+        "ttft": ttft,
+        "tpot": tpot,
+        "latency": latency,
+        "token_ids": [o.token_ids for o in done],
+        "steps": engine.stats["steps"] - steps0,
+    }
+
+
+def scheduler_suite(args: argparse.Namespace) -> None:
+    cfg = ModelConfig(name=args.model, device="cpu")
+    tmp = Path(tempfile.mkdtemp(prefix="cltune-bench-serve-"))
+    registry = Registry(tmp / TENANT)
+    t0 = time.perf_counter()
+    make_adapters(cfg, registry, 8, args.rank, seed=0)
+    loaded = load_model(cfg)
+    engine = Engine(
+        loaded,
+        lambda _t: registry,
+        EngineParams(max_adapters=8, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms),
+    )
+    keys = [engine.resolve(TENANT, registry.get(f"a{i}")) for i in range(8)]
+    for k in keys:  # resident from the start: the cases measure generation, not loads from disk
+        engine.pin(k)
+    setup_s = time.perf_counter() - t0
+    levels = [int(x) for x in args.levels.split(",")]
+    plans = {c: scheduler_plan(loaded, keys, c, args.per_client, args) for c in levels}
+    modes = ["static", "continuous"]
+
+    def use(mode: str) -> None:
+        if engine.params.scheduler != mode:
+            engine.close()
+            engine.params.scheduler = mode  # type: ignore[assignment]
+
+    for mode in modes:  # warm-up (threads, allocator, both code paths)
+        use(mode)
+        engine.submit(plans[levels[0]][0][0][1]).result()
+
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {c: {m: [] for m in modes} for c in levels}
+    load_before = os.getloadavg()
+    for rep in range(args.reps):
+        for c in levels:
+            for mode in modes if rep % 2 == 0 else modes[::-1]:  # alternate which one runs first
+                use(mode)
+                r = run_scheduler_case(engine, plans[c])
+                runs[c][mode].append(r)
+                print(
+                    f"rep {rep} clients {c:>3} {mode:>10}: {r['tokens'] / r['wall_s']:8.1f} tok/s  "
+                    f"ttft p50 {statistics.median(r['ttft']) * 1000:7.1f} ms  wall {r['wall_s']:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        ttft = [x for r in rs for x in r["ttft"]]
+        tpot = [x for r in rs for x in r["tpot"]]
+        lat = [x for r in rs for x in r["latency"]]
+        return {
+            "tokens_per_s": round(sum(r["tokens"] for r in rs) / sum(r["wall_s"] for r in rs), 1),
+            "tokens_per_s_each_rep": [round(r["tokens"] / r["wall_s"], 1) for r in rs],
+            "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
+            "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
+            "per_token_p50_ms": round(statistics.median(tpot) * 1000, 2),
+            "per_token_p99_ms": round(pct(tpot, 99) * 1000, 2),
+            "latency_p50_s": round(statistics.median(lat), 3),
+            "latency_p99_s": round(pct(lat, 99), 3),
+            "decode_steps": rs[0]["steps"],
+        }
+
+    result: dict[str, Any] = {
+        "suite": "scheduler",
+        "model": args.model,
+        "levels": levels,
+        "requests_per_level": {str(c): c * args.per_client for c in levels},
+        "new_tokens": [args.min_new, args.max_new],
+        "mean_gap_ms": args.mean_gap_ms,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "reps": args.reps,
+        "rank": args.rank,
+        "setup_s": round(setup_s, 1),
+        "results": {},
+    }
+    for c in levels:
+        st, co = summary(runs[c]["static"]), summary(runs[c]["continuous"])
+        result["results"][str(c)] = {
+            "static": st,
+            "continuous": co,
+            "continuous_over_static": {
+                "tokens_per_s": round(co["tokens_per_s"] / st["tokens_per_s"], 3),
+                "ttft_p50": round(co["ttft_p50_ms"] / st["ttft_p50_ms"], 3),
+                "ttft_p99": round(co["ttft_p99_ms"] / st["ttft_p99_ms"], 3),
+                "per_token_p50": round(co["per_token_p50_ms"] / st["per_token_p50_ms"], 3),
+            },
+        }
+    ref = runs[levels[0]]["static"][0]["token_ids"]
+    result["token_equality"] = {
+        "continuous_equals_static": all(
+            r["token_ids"] == runs[c]["static"][0]["token_ids"]
+            for c in levels
+            for m in modes
+            for r in runs[c][m]
+        ),
+        "first_level_equals_each_alone": ref
+        == [engine.generate([req])[0].token_ids for cl in plans[levels[0]] for _, req in cl],
+    }
+    result["engine_stats"] = dict(engine.stats)
+    result["env"] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "device": str(loaded.device),
+    }
+    engine.close()
+    text = json.dumps(result, indent=1)
+    print(text)
+    print(
+        f"\n{'clients':>7} {'scheduler':>10} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
+        f"{'tpot p50':>9} {'tpot p99':>9}  (ms)",
+        file=sys.stderr,
+    )
+    for c in levels:
+        for mode in modes:
+            v = result["results"][str(c)][mode]
+            print(
+                f"{c:>7} {mode:>10} {v['tokens_per_s']:8.1f} {v['ttft_p50_ms']:9.1f} {v['ttft_p99_ms']:9.1f} "
+                f"{v['per_token_p50_ms']:9.2f} {v['per_token_p99_ms']:9.2f}",
+                file=sys.stderr,
+            )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+# ---------------------------------------------------------------- adapters suite
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["adapters", "scheduler"], default="adapters")
     ap.add_argument("--model", default="tiny-llama")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--per-client", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=16, help="adapters suite")
+    ap.add_argument("--per-client", type=int, default=None, help="default 2 (adapters), 4 (scheduler)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="adapters suite")
+    ap.add_argument("--reps", type=int, default=None, help="default 3 (adapters), 2 (scheduler)")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--max-wait-ms", type=float, default=None, help="default 20 (adapters), 5 (scheduler)")
     ap.add_argument("--step-reps", type=int, default=5, help="repetitions of the per-step forward timing")
+    ap.add_argument("--levels", default="1,4,16", help="scheduler suite: concurrent clients per level")
+    ap.add_argument("--max-batch", type=int, default=16, help="scheduler suite: EngineParams.max_batch")
+    ap.add_argument("--min-new", type=int, default=32, help="scheduler suite")
+    ap.add_argument("--max-new", type=int, default=128, help="scheduler suite")
+    ap.add_argument("--mean-gap-ms", type=float, default=50.0, help="scheduler suite: mean think time")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    scheduler = args.suite == "scheduler"
+    for name, adapters_default, scheduler_default in (
+        ("per_client", 2, 4),
+        ("reps", 3, 2),
+        ("max_wait_ms", 20.0, 5.0),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, scheduler_default if scheduler else adapters_default)
+    if scheduler:
+        scheduler_suite(args)
+        return
 
     cfg = ModelConfig(name=args.model, device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="cltune-bench-serve-"))

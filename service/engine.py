@@ -9,9 +9,25 @@ How a mixed batch runs (punica / S-LoRA style, no Python loop over adapters):
   * each forward gathers one (A, B) per row by the rows' slot ids and does two batched matmuls,
     so the cost does not grow with the number of distinct adapters in the batch.
 Adapters are loaded from the tenant's registry on first use and evicted least-recently-used
-(pinned ones stay). A scheduler thread gathers concurrent requests (up to `max_batch`, waiting at
-most `max_wait_ms`) and generates them step by step with a KV cache, left padding, per-row position
-ids, per-request sampling and stop strings, streaming text deltas through a callback.
+(pinned ones stay, and so do adapters that a running row uses).
+
+Scheduling (`EngineParams.scheduler`). The default, "continuous", batches at the granularity of one
+decode step: every iteration of the scheduler thread (1) admits waiting requests up to `max_batch`
+rows, loading their adapters into slots (a request whose adapter finds no slot that no running row
+uses waits, and the least recently used adapter stops taking new rows until it drains, so the waiter
+cannot starve), (2) prefills the admitted prompts together (left-padded; identical prompt + adapter
+pairs, e.g. the `n` choices of `submit_n`, share one prefill row), (3) runs ONE decode step for all
+running rows and (4) retires finished rows at once (EOS, stop string, max_tokens, cancelled future),
+resolving their futures. The KV cache is one batched `DynamicCache` whose rows are spliced: admitted
+rows' caches are left-padded to the batch's length (or the batch to theirs) and concatenated, leaving
+rows are dropped and the leading columns that became padding for every remaining row are trimmed, so
+the cache is as long as the longest running row, not the longest row ever seen. Each row keeps its
+own position ids and an attention mask that hides its padding, which is why a row gives exactly the
+greedy tokens it gives alone. `Future.cancel()` works until the request finishes (futures stay
+pending while they run): the row leaves the batch before the next step. When the engine is idle, the
+first request waits up to `max_wait_ms` for company (their prefills are batched); once running, new
+requests join at the next step. The "static" scheduler (the previous one, kept for comparison) gathers
+a batch the same way and runs it to completion before admitting anything else (`generate_rows`).
 """
 
 from __future__ import annotations
@@ -23,19 +39,21 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from peft.utils.other import get_pattern_key
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cltune.data import left_pad
 from cltune.errors import CLTuneError, ConflictError, NotFoundError
@@ -53,6 +71,9 @@ class EngineParams(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0.0, le=60_000.0)  # how long a batch waits to fill up
     max_tokens_limit: int = Field(2048, ge=1, le=1_000_000)  # largest max_tokens a request may ask for
     max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)  # longer prompts keep their last tokens
+    # "continuous": requests join and leave the running batch at every decode step; "static": a batch
+    # runs to completion before the next one starts (the previous scheduler, kept for benchmarks)
+    scheduler: Literal["continuous", "static"] = "continuous"
 
 
 class SamplingParams(BaseModel):
@@ -92,6 +113,20 @@ class GenRequest:
 
 
 @dataclass
+class Timing:
+    """When one request was submitted, joined a batch, got its first token and finished
+    (time.perf_counter()), and the scheduler's decode-step counter (`Engine.stats["steps"]`) when it
+    joined and left the batch (continuous scheduler; -1 otherwise)."""
+
+    submitted: float = 0.0
+    admitted: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    admitted_step: int = -1
+    finished_step: int = -1
+
+
+@dataclass
 class Completion:
     text: str
     token_ids: list[int]
@@ -99,6 +134,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     adapter: str  # "name@version" or "base"
+    timing: Timing = field(default_factory=Timing)
 
 
 # ---------------------------------------------------------------- the gathered LoRA layer
@@ -204,6 +240,12 @@ class _Row:
     text: str = ""
     sent: int = 0  # characters of `text` already streamed
     finish: FinishReason | None = None
+    timing: Timing = field(default_factory=Timing)
+    # continuous scheduler only:
+    future: Future[Completion] | None = None
+    pos: int = 0  # position id of `last`
+    last: int = -1  # the latest token, not yet in the KV cache: the next decode step's input
+    error: BaseException | None = None  # this row failed alone (e.g. its on_delta raised)
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[int]], torch.Tensor]
@@ -234,6 +276,8 @@ def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
 def _advance(row: _Row, tok: int, tokenizer: Any, eos: set[int]) -> None:
     """Append one token, update the text, apply EOS / stop strings / length, stream the safe part."""
     sp = row.req.sampling
+    if not row.timing.first_token:
+        row.timing.first_token = time.perf_counter()
     if tok in eos and not sp.ignore_eos:
         row.finish = "stop"
     else:
@@ -291,6 +335,8 @@ def generate_rows(
 
 def _completion(row: _Row) -> Completion:
     key = row.req.adapter
+    if not row.timing.finished:
+        row.timing.finished = time.perf_counter()
     return Completion(
         row.text,
         row.ids,
@@ -298,7 +344,76 @@ def _completion(row: _Row) -> Completion:
         len(row.req.prompt_ids),
         len(row.ids),
         key.ref if key else "base",
+        row.timing,
     )
+
+
+# ---------------------------------------------------------------- the continuous batch
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` zero columns before dim -2 of a [b, heads, len, dim] tensor, or before dim -1 of a [b, len] mask."""
+    if n == 0:
+        return t
+    return F.pad(t, (n, 0)) if t.dim() == 2 else F.pad(t, (0, 0, n, 0))
+
+
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers, which must be plain (full attention) DynamicLayers: left padding would shift
+    a sliding window, and other layer kinds keep state that splicing rows would not carry."""
+    out = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise EngineError(f"continuous batching needs DynamicLayer caches, got {type(layer).__name__}")
+        out.append(layer)
+    return out
+
+
+class _Batch:
+    """The running rows of the continuous scheduler and their one batched KV cache.
+
+    Row i's past is the last n_i columns of cache[i] (n_i: its prompt plus the tokens fed so far); the
+    columns before are left padding, hidden by mask[i] ([b, len] of 0/1). Rows join by concatenation
+    after left-padding the shorter side, and leave by index selection plus a trim of the columns that
+    became padding for every remaining row."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
+
+    def add(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        _kv_layers(cache)  # checks the layer types
+        if self.cache is None or self.mask is None or not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        n1, n2 = self.mask.shape[1], mask.shape[1]
+        n = max(n1, n2)
+        for mine, new in zip(_kv_layers(self.cache), _kv_layers(cache), strict=True):
+            assert mine.keys is not None and mine.values is not None
+            assert new.keys is not None and new.values is not None
+            mine.keys = torch.cat([_pad_left(mine.keys, n - n1), _pad_left(new.keys, n - n2)])
+            mine.values = torch.cat([_pad_left(mine.values, n - n1), _pad_left(new.values, n - n2)])
+        self.mask = torch.cat([_pad_left(self.mask, n - n1), _pad_left(mask, n - n2)])
+        self.rows += rows
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep rows `idx` (in order); drop the others' KV and the columns no kept row uses."""
+        if len(idx) == len(self.rows):
+            return
+        if not idx or self.cache is None or self.mask is None:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        sel = torch.tensor(idx, device=self.mask.device)
+        self.cache.batch_select_indices(sel)
+        self.mask = self.mask[sel]
+        lead = int(self.mask.any(0).int().argmax())  # first column some kept row attends to
+        if lead:
+            for layer in _kv_layers(self.cache):
+                assert layer.keys is not None and layer.values is not None
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            self.mask = self.mask[:, lead:]
+        self.rows = [self.rows[i] for i in idx]
 
 
 # ---------------------------------------------------------------- the engine
@@ -309,6 +424,20 @@ class _Pending:
     req: GenRequest
     future: Future[Completion]
     on_delta: Callable[[str], None] | None
+    submitted: float = 0.0
+
+
+def _settle(
+    fut: Future[Completion], result: Completion | None = None, error: BaseException | None = None
+) -> None:
+    """Resolve `fut` unless it was cancelled meanwhile (the client went away)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass
 
 
 class Engine:
@@ -335,15 +464,27 @@ class Engine:
         self.params = params or EngineParams()
         self.forward_for = forward_for
         self._rows = _BatchRows()
+        self._slots_set: tuple[tuple[int, ...], int] | None = None  # (slots, rows.version) last routed
         self._layers: dict[str, GatheredLoRALinear] = {}
         self._resident: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self._pinned: set[AdapterKey] = set()
-        self._lock = threading.RLock()  # one batch (or one adapter load) at a time
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._busy: set[int] = set()  # slots the continuous scheduler's running rows use: never evicted
+        self._lock = threading.RLock()  # one batch / decode step (or one adapter load) at a time
+        self._queue: queue.Queue[list[_Pending] | None] = queue.Queue()
         self._held: list[_Pending] = []  # gathered but deferred (too many distinct adapters)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.stats = {"loads": 0, "evictions": 0, "batches": 0, "requests": 0, "max_batch_seen": 0}
+        self.stats = {
+            "loads": 0,
+            "evictions": 0,
+            "batches": 0,  # static: batches; continuous: prefill forwards
+            "requests": 0,
+            "max_batch_seen": 0,
+            "steps": 0,  # decode steps of the continuous scheduler
+            "cancelled": 0,
+        }
+        # called on the scheduler thread after every decode step with stats["steps"] (tests, tracing)
+        self.step_hook: Callable[[int], None] | None = None
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         self.eos = {self.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos.discard(None)
@@ -380,6 +521,11 @@ class Engine:
         with self._lock:
             self._pinned.discard(key)
 
+    def _evictable(self, in_use: set[int]) -> AdapterKey | None:
+        """The least recently used resident adapter that is neither pinned nor used by a row."""
+        busy = in_use | self._busy
+        return next((k for k, s in self._resident.items() if k not in self._pinned and s not in busy), None)
+
     def _slot_for(self, key: AdapterKey, in_use: set[int]) -> int:
         if key in self._resident:
             self._resident.move_to_end(key)
@@ -387,9 +533,7 @@ class Engine:
         used = set(self._resident.values())
         free = [s for s in range(1, self.params.max_adapters + 1) if s not in used]
         if not free:
-            victim = next(
-                (k for k, s in self._resident.items() if k not in self._pinned and s not in in_use), None
-            )
+            victim = self._evictable(in_use)
             if victim is None:
                 raise EngineError(
                     f"all {self.params.max_adapters} adapter slots are pinned or in use",
@@ -442,17 +586,22 @@ class Engine:
                 use = all_slots[active] if len(active) < len(slots) else all_slots
                 self._rows.set(use if any(slots[i] for i in active) else None)  # all base: skip LoRA matmuls
                 rows_now[0] = len(active)
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kwarg: cache},
-            )
-            return out.logits[:, -1]  # [b, V]
+            return self._model_logits(ids, mask, pos, cache)
 
         return forward
+
+    def _model_logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+        )
+        return out.logits[:, -1]  # [b, V]
 
     def generate(
         self,
@@ -466,6 +615,7 @@ class Engine:
         """
         for r in requests:
             self._check(r)
+        t0 = time.perf_counter()
         with self._lock:
             slots: list[int] = []
             in_use: set[int] = set()
@@ -477,6 +627,9 @@ class Engine:
                 _Row(r, s, _generator(r.sampling), (on_delta or [None] * len(requests))[i])
                 for i, (r, s) in enumerate(zip(requests, slots, strict=True))
             ]
+            now = time.perf_counter()
+            for row in rows:
+                row.timing.submitted, row.timing.admitted = t0, now
             fwd = (
                 self.forward_for([r.adapter for r in requests]) if self.forward_for else self._forward(slots)
             )
@@ -503,25 +656,263 @@ class Engine:
     # -- scheduler
 
     def submit(self, req: GenRequest, on_delta: Callable[[str], None] | None = None) -> Future[Completion]:
-        """Queue one request for the next batch. Thread-safe; `on_delta` runs on the engine thread."""
+        """Queue one request. Thread-safe; `on_delta` runs on the engine thread.
+
+        With the continuous scheduler the future stays pending until the request is done, so
+        `future.cancel()` succeeds while it runs: its row leaves the batch before the next decode step."""
+        return self.submit_n(req, 1, [on_delta])[0]
+
+    def submit_n(
+        self, req: GenRequest, n: int, on_delta: Sequence[Callable[[str], None] | None] | None = None
+    ) -> list[Future[Completion]]:
+        """Queue `n` completions of one prompt (OpenAI's `n`). They are queued together, so the continuous
+        scheduler admits them in one step and prefills the prompt once; choice 0 samples with
+        `req.sampling.seed`, choice i > 0 with a seed derived from it (or a random one)."""
         self._check(req)
-        fut: Future[Completion] = Future()
-        self._queue.put(_Pending(req, fut, on_delta))
+        if not 1 <= n <= self.params.max_batch:
+            raise EngineError(f"n={n} is outside 1-{self.params.max_batch} (max_batch)", param="n")
+        now = time.perf_counter()
+        items = []
+        for i in range(n):
+            r = req
+            if i:
+                seed = req.sampling.seed
+                derived = None if seed is None else hash((seed, i)) & (2**63 - 1)
+                r = GenRequest(req.prompt_ids, req.adapter, req.sampling.model_copy(update={"seed": derived}))
+            items.append(_Pending(r, Future(), (on_delta or [None] * n)[i], now))
+        self._queue.put(items)
         self.start()
-        return fut
+        return [p.future for p in items]
 
     def start(self) -> None:
         with self._start_lock:  # not self._lock: that one is held for a whole batch
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._serve, name="cltune-engine", daemon=True)
+                target = self._serve_static if self.params.scheduler == "static" else self._serve_continuous
+                self._thread = threading.Thread(target=target, name="cltune-engine", daemon=True)
                 self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the scheduler after the current batch; queued requests fail."""
+        """Stop the scheduler after the running rows (continuous) or the current batch (static) finish;
+        queued requests fail. A later `submit` starts it again (with the scheduler `params` name then)."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
+
+    def _fail_queued(self) -> None:
+        while not self._queue.empty():
+            left = self._queue.get_nowait()
+            for p in left or []:
+                _settle(p.future, error=EngineError("the engine was closed"))
+
+    # -- the continuous scheduler
+
+    def _take(self, waiting: deque[_Pending], idle: bool) -> bool:
+        """Move submitted requests into `waiting`. When idle, block for a first one and collect more for
+        up to max_wait_ms (their prefills are batched). Returns True once `close` was called."""
+        try:
+            if idle:
+                item = self._queue.get()
+                if item is None:
+                    return True
+                waiting.extend(item)
+                deadline = time.monotonic() + self.params.max_wait_ms / 1000
+                while len(waiting) < self.params.max_batch:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if item is None:
+                        return True
+                    waiting.extend(item)
+            while True:
+                item = self._queue.get_nowait()
+                if item is None:
+                    return True
+                waiting.extend(item)
+        except queue.Empty:
+            return False
+
+    def _admit(self, waiting: deque[_Pending], batch: _Batch) -> list[_Row]:
+        """Take waiting requests (first come, first served) while the batch has room; load their adapters.
+
+        A request whose adapter finds no slot waits while running rows hold every evictable slot; the
+        least recently used of those adapters then takes no new rows (it drains), so the waiter gets a
+        slot within one generation. A request that can never get a slot (all pinned), or that is
+        invalid, or whose adapter fails to load, fails alone."""
+        room = self.params.max_batch - len(batch.rows)
+        in_use = {r.slot for r in batch.rows}
+        draining: set[AdapterKey] = set()
+        new: list[_Row] = []
+        still: deque[_Pending] = deque()
+        while waiting:
+            p = waiting.popleft()
+            key = p.req.adapter
+            if room <= 0 or (key is not None and key in draining):
+                still.append(p)
+                continue
+            try:
+                self._check(p.req)
+                # e.g. a seed the generator refuses (SamplingParams built without validation)
+                gen = _generator(p.req.sampling)
+                if key is None or self.forward_for is not None:
+                    slot = 0
+                elif (
+                    key in self._resident
+                    or len(self._resident) < self.params.max_adapters
+                    or self._evictable(in_use) is not None
+                ):
+                    slot = self._slot_for(key, in_use)
+                elif any(k not in self._pinned for k in self._resident):  # every such slot is in use: wait
+                    victim = next(
+                        (k for k in self._resident if k not in self._pinned and k not in draining), None
+                    )
+                    if victim is not None:
+                        draining.add(victim)
+                    still.append(p)
+                    continue
+                else:
+                    raise EngineError(
+                        f"all {self.params.max_adapters} adapter slots are pinned",
+                        max_adapters=self.params.max_adapters,
+                    )
+            except Exception as e:  # noqa: BLE001 - e.g. a deleted or unservable adapter: this request fails
+                _settle(p.future, error=e)
+                continue
+            row = _Row(p.req, slot, gen, p.on_delta, future=p.future)
+            row.timing.submitted, row.timing.admitted = p.submitted, time.perf_counter()
+            row.timing.admitted_step = self.stats["steps"]
+            new.append(row)
+            in_use.add(slot)
+            room -= 1
+        waiting.extend(still)
+        return new
+
+    def _route(self, rows: list[_Row]) -> None:
+        """Point the gathered LoRA layers at these rows' slots (only when they changed)."""
+        slots = tuple(r.slot for r in rows)
+        if self._slots_set != (slots, self._rows.version):
+            self._rows.set(torch.tensor(slots, device=self.loaded.device) if any(slots) else None)
+            self._slots_set = (slots, self._rows.version)
+
+    def _step(
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, rows: list[_Row]
+    ) -> torch.Tensor:
+        if self.forward_for is not None:
+            fwd = self.forward_for([r.req.adapter for r in rows])
+            return fwd(ids, mask, pos, cache, list(range(len(rows))))
+        self._route(rows)
+        return self._model_logits(ids, mask, pos, cache)
+
+    def _advance_row(self, row: _Row, tok: int) -> None:
+        row.last = tok
+        try:
+            _advance(row, tok, self.tokenizer, self.eos)
+        except Exception as e:  # noqa: BLE001 - e.g. the client's on_delta raised: this row fails alone
+            row.error = e
+
+    @torch.no_grad()
+    def _prefill(self, batch: _Batch, new: list[_Row]) -> None:
+        """Prefill `new` rows together (left-padded; identical prompt + slot share a row), pick their first
+        tokens and add them to the batch. If the forward fails, each distinct prompt is retried alone so
+        that only the request that fails gets the error (nothing was streamed yet)."""
+        uniq: dict[tuple[tuple[int, ...], int], int] = {}
+        idx = [uniq.setdefault((tuple(r.req.prompt_ids), r.slot), len(uniq)) for r in new]
+        firsts = [new[idx.index(u)] for u in range(len(uniq))]
+        device = self.loaded.device
+        try:
+            ids, mask = left_pad([r.req.prompt_ids for r in firsts], self.tokenizer.pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T]: left padding must not shift positions
+            cache = DynamicCache()
+            logits = self._step(ids, mask, pos, cache, firsts)
+        except Exception as e:  # noqa: BLE001 - a request's own failure (e.g. a token id outside the vocabulary)
+            if len(firsts) > 1:
+                for u in range(len(firsts)):
+                    self._prefill(batch, [r for r, i in zip(new, idx, strict=True) if i == u])
+            else:
+                log.warning("prefill of %d request(s) failed: %s", len(new), e)
+                for r in new:
+                    _settle(r.future, error=e)  # type: ignore[arg-type]
+            return
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(new)
+        if len(firsts) < len(new):  # copy the shared prefills' KV to every row that asked for them
+            sel = torch.tensor(idx, device=device)
+            cache.batch_select_indices(sel)
+            mask, logits = mask[sel], logits[sel]
+        for r, t in zip(new, _pick(logits, new), strict=True):
+            r.pos = len(r.req.prompt_ids)
+            self._advance_row(r, t)
+        batch.add(new, cache, mask)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch.rows))
+
+    @torch.no_grad()
+    def _decode(self, batch: _Batch) -> None:
+        """One decode step for every running row."""
+        assert batch.mask is not None
+        rows, device = batch.rows, self.loaded.device
+        ids = torch.tensor([[r.last] for r in rows], device=device)
+        pos = torch.tensor([[r.pos] for r in rows], device=device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], 1)
+        logits = self._step(ids, batch.mask, pos, batch.cache, rows)
+        self.stats["steps"] += 1
+        for r, t in zip(rows, _pick(logits, rows), strict=True):
+            r.pos += 1
+            self._advance_row(r, t)
+
+    def _retire(self, batch: _Batch) -> None:
+        """Resolve and drop finished, failed and cancelled rows."""
+        keep = []
+        for i, r in enumerate(batch.rows):
+            assert r.future is not None
+            if r.future.cancelled():
+                self.stats["cancelled"] += 1
+            elif r.error is not None:
+                _settle(r.future, error=r.error)
+            elif r.finish is not None:
+                r.timing.finished_step = self.stats["steps"]
+                _settle(r.future, _completion(r))
+            else:
+                keep.append(i)
+        batch.keep(keep)
+
+    def _serve_continuous(self) -> None:
+        waiting: deque[_Pending] = deque()
+        batch = _Batch()
+        closing = False
+        while True:
+            if not closing:
+                closing = self._take(waiting, idle=not batch.rows and not waiting)
+            for p in [p for p in waiting if p.future.cancelled()]:
+                waiting.remove(p)
+                self.stats["cancelled"] += 1
+            if closing:
+                while waiting:
+                    _settle(waiting.popleft().future, error=EngineError("the engine was closed"))
+                if not batch.rows:
+                    break
+            with self._lock:
+                new: list[_Row] = []
+                try:
+                    if waiting:
+                        new = self._admit(waiting, batch)
+                        if new:
+                            self._prefill(batch, new)
+                    self._retire(batch)  # finished at their first token, or cancelled: leave before the step
+                    if batch.rows:
+                        self._decode(batch)
+                        self._retire(batch)
+                except Exception as e:  # noqa: BLE001 - the running rows get the error; the engine keeps serving
+                    log.exception("scheduler step with %d rows failed", len(batch.rows))
+                    for r in batch.rows + new:  # (a row already resolved stays as it is)
+                        _settle(r.future, error=e)  # type: ignore[arg-type]
+                    batch = _Batch()
+                self._busy = {r.slot for r in batch.rows} - {0}
+                if not batch.rows:
+                    self._rows.set(None)  # the plain base model again while idle
+            if self.step_hook is not None and batch.rows:
+                self.step_hook(self.stats["steps"])
+        self._fail_queued()
+
+    # -- the static scheduler
 
     def _gather(self) -> list[_Pending] | None:
         """Block for a first request, then collect more until max_batch or max_wait_ms."""
@@ -530,7 +921,7 @@ class Engine:
             first = self._queue.get()
             if first is None:
                 return None
-            batch = [first]
+            batch = list(first)
         deadline = time.monotonic() + self.params.max_wait_ms / 1000
         while len(batch) < self.params.max_batch:
             try:
@@ -540,7 +931,8 @@ class Engine:
             if nxt is None:
                 self._queue.put(None)  # stop after this batch
                 break
-            batch.append(nxt)
+            batch += nxt
+        self._held, batch = batch[self.params.max_batch :], batch[: self.params.max_batch]
         # at most max_adapters distinct adapters per batch (minus pinned slots not in it); defer the rest
         room = self.params.max_adapters - len(
             [k for k in self._pinned if k not in {p.req.adapter for p in batch}]
@@ -584,7 +976,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 p.future.set_exception(e)
 
-    def _serve(self) -> None:
+    def _serve_static(self) -> None:
         while True:
             batch = self._gather()
             if batch is None:
@@ -604,11 +996,9 @@ class Engine:
                     self._one_by_one(batch, streamed, e)
                     continue
             for p, out in zip(batch, outs, strict=True):
+                out.timing.submitted = p.submitted
                 p.future.set_result(out)
-        while not self._queue.empty():
-            left = self._queue.get_nowait()
-            if left is not None and left.future.set_running_or_notify_cancel():
-                left.future.set_exception(EngineError("the engine was closed"))
+        self._fail_queued()
 
 
 def _tracked(p: _Pending, streamed: list[bool], i: int) -> Callable[[str], None] | None:

@@ -303,9 +303,12 @@ async def _stream(engine: Engine, req: GenRequest, chunk: Any, include_usage: bo
 
     fut = engine.submit(req, on_delta)
     fut.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, None))
-    yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
-    while (d := await deltas.get()) is not None:
-        yield f"data: {json.dumps(chunk(d, None))}\n\n"
+    try:
+        yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
+        while (d := await deltas.get()) is not None:
+            yield f"data: {json.dumps(chunk(d, None))}\n\n"
+    finally:  # the client went away (CancelledError / GeneratorExit): its row leaves the batch
+        fut.cancel()  # a no-op once the request is done
     try:
         out = fut.result()
     except Exception as e:  # headers are sent: report the failure inside the stream
