@@ -296,21 +296,25 @@ def run_scheduler_case(engine: Engine, plan: list[list[tuple[float, GenRequest]]
     }
 
 
-def scheduler_suite(args: argparse.Namespace) -> None:
+def pinned_engine(args: argparse.Namespace, n_adapters: int, max_batch: int) -> tuple[Any, ...]:
+    """`n_adapters` trained adapters in a fresh registry and an engine holding all of them resident
+    (pinned), so the cases measure generation, not loads from disk. Returns (model config, registry,
+    loaded base model, engine, adapter keys)."""
     cfg = ModelConfig(name=args.model, device="cpu")
-    tmp = Path(tempfile.mkdtemp(prefix="cltune-bench-serve-"))
-    registry = Registry(tmp / TENANT)
-    t0 = time.perf_counter()
-    make_adapters(cfg, registry, 8, args.rank, seed=0)
+    registry = Registry(Path(tempfile.mkdtemp(prefix="cltune-bench-serve-")) / TENANT)
+    make_adapters(cfg, registry, n_adapters, args.rank, seed=0)
     loaded = load_model(cfg)
-    engine = Engine(
-        loaded,
-        lambda _t: registry,
-        EngineParams(max_adapters=8, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms),
-    )
-    keys = [engine.resolve(TENANT, registry.get(f"a{i}")) for i in range(8)]
-    for k in keys:  # resident from the start: the cases measure generation, not loads from disk
+    params = EngineParams(max_adapters=n_adapters, max_batch=max_batch, max_wait_ms=args.max_wait_ms)
+    engine = Engine(loaded, lambda _t: registry, params)
+    keys = [engine.resolve(TENANT, registry.get(f"a{i}")) for i in range(n_adapters)]
+    for k in keys:
         engine.pin(k)
+    return cfg, registry, loaded, engine, keys
+
+
+def scheduler_suite(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    cfg, registry, loaded, engine, keys = pinned_engine(args, 8, args.max_batch)
     setup_s = time.perf_counter() - t0
     levels = [int(x) for x in args.levels.split(",")]
     plans = {c: scheduler_plan(loaded, keys, c, args.per_client, args) for c in levels}
@@ -458,20 +462,8 @@ def main() -> None:
         scheduler_suite(args)
         return
 
-    cfg = ModelConfig(name=args.model, device="cpu")
-    tmp = Path(tempfile.mkdtemp(prefix="cltune-bench-serve-"))
-    registry = Registry(tmp / TENANT)
     t0 = time.perf_counter()
-    make_adapters(cfg, registry, 32, args.rank, seed=0)
-    loaded = load_model(cfg)
-    engine = Engine(
-        loaded,
-        lambda _t: registry,
-        EngineParams(max_adapters=32, max_batch=args.clients, max_wait_ms=args.max_wait_ms),
-    )
-    keys = [engine.resolve(TENANT, registry.get(f"a{i}")) for i in range(32)]
-    for k in keys:  # load all 32 now: the cases measure generation, not the first load from disk
-        engine.pin(k)
+    cfg, registry, loaded, engine, keys = pinned_engine(args, 32, args.clients)
     ref = load_model(cfg)  # a second copy of the base model for peft (the engine wraps its own in place)
     pm = PeftModel.from_pretrained(ref.model, str(keys[0].path), adapter_name="a0")
     for k in keys[1:8]:

@@ -28,6 +28,8 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -259,3 +261,13 @@ def init_db(engine: Engine) -> None:
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(74224001)")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def newest_first(s: Session, row: Any, cond: list[Any], limit: int, offset: int) -> tuple[list[Any], int]:
+    """One page of the `row` table's rows matching `cond`, newest first (created_at, then id, so pages
+    never overlap), and how many rows match in all."""
+    total = s.scalar(select(func.count()).select_from(row).where(*cond)) or 0
+    page = s.scalars(
+        select(row).where(*cond).order_by(row.created_at.desc(), row.id.desc()).limit(limit).offset(offset)
+    )
+    return list(page), total

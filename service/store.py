@@ -26,7 +26,17 @@ from sqlalchemy.orm import Session
 
 from cltune.errors import ConfigError, ConflictError, NotFoundError
 from service import webhooks
-from service.db import TERMINAL, DatasetRow, EventRow, JobRow, JobStatus, new_id, session, utcnow
+from service.db import (
+    TERMINAL,
+    DatasetRow,
+    EventRow,
+    JobRow,
+    JobStatus,
+    new_id,
+    newest_first,
+    session,
+    utcnow,
+)
 
 __all__ = ["Event", "Job", "JobStatus", "LeaseLost"]
 
@@ -459,14 +469,7 @@ def list_jobs(
     if status is not None:
         cond.append(JobRow.status == JobStatus(status).value)
     with session(engine) as s:
-        total = s.scalar(select(func.count()).select_from(JobRow).where(*cond)) or 0
-        rows = s.scalars(
-            select(JobRow)
-            .where(*cond)
-            .order_by(JobRow.created_at.desc(), JobRow.id.desc())
-            .limit(limit)
-            .offset(offset)
-        )
+        rows, total = newest_first(s, JobRow, cond, limit, offset)
         return [Job.of(r) for r in rows], total
 
 

@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,7 @@ from service.db import (
     WebhookDeliveryRow,
     WebhookSecretRow,
     new_id,
+    newest_first,
     session,
     utcnow,
 )
@@ -331,14 +332,7 @@ def list_deliveries(
     if status is not None:
         cond.append(WebhookDeliveryRow.status == DeliveryStatus(status).value)
     with session(engine) as s:
-        total = s.scalar(select(func.count()).select_from(WebhookDeliveryRow).where(*cond)) or 0
-        rows = s.scalars(
-            select(WebhookDeliveryRow)
-            .where(*cond)
-            .order_by(WebhookDeliveryRow.created_at.desc(), WebhookDeliveryRow.id.desc())
-            .limit(limit)
-            .offset(offset)
-        )
+        rows, total = newest_first(s, WebhookDeliveryRow, cond, limit, offset)
         return [Delivery.of(r) for r in rows], total
 
 

@@ -27,6 +27,7 @@ RAW_TYPES = (
     "application/octet-stream",
     "text/plain",
 )
+BINARY = {"type": "string", "format": "binary"}
 MAX_FIELD_BYTES = 1024  # non-file form fields (the dataset name)
 _EXT_FILENAME = re.compile(rb"""filename\*\s*=\s*([A-Za-z0-9_-]*)'[^']*'([^;\s]*)""", re.IGNORECASE)
 
@@ -207,3 +208,11 @@ class _Parts:
     def _end(self) -> None:
         if self._name and self._name != "file":
             self.fields[self._name] = self._buf.decode("utf-8", "replace")
+
+
+def upload_doc(fields: dict[str, dict[str, Any]], raw_types: tuple[str, ...]) -> dict[str, Any]:
+    """The OpenAPI request body of an upload route (its handler reads the stream itself): a multipart
+    form with a `file` part and the form `fields`, or a raw body of one of `raw_types`."""
+    form = {"type": "object", "required": ["file"], "properties": {"file": BINARY, **fields}}
+    content = {"multipart/form-data": {"schema": form}, **{t: {"schema": BINARY} for t in raw_types}}
+    return {"requestBody": {"required": True, "content": content}}

@@ -28,8 +28,9 @@ from service import artifacts
 from service.api.deps import RegistryDep, SettingsDep, TenantDep
 from service.api.errors import ApiError
 from service.api.schemas import AdapterList, AdapterPublic, ErrorResponse
-from service.api.uploads import Received, receive_multipart, receive_raw, too_large
+from service.api.uploads import Received, receive_multipart, receive_raw, too_large, upload_doc
 from service.settings import Settings
+from service.vllm_backend import backend_of
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 404, 422)}
@@ -55,26 +56,10 @@ ARCHIVE_TYPES = (  # raw bodies; the format is read from the archive's first byt
 IMPORT_ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 409, 413, 415, 422)}
 IMPORT_HINT = "an adapter archive holds its peft files; raise CLTUNE_MAX_ADAPTER_UPLOAD_BYTES for larger ones"
 IMPORT_EXAMPLE = "send the archive as -F file=@adapter.tar.gz -F name=NAME"
-IMPORT_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "pattern": NAME_RE.pattern},
-                        "base_model": {"type": "string"},
-                    },
-                }
-            },
-            "application/gzip": {"schema": {"type": "string", "format": "binary"}},
-            "application/zip": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
+IMPORT_DOC = upload_doc(
+    {"name": {"type": "string", "pattern": NAME_RE.pattern}, "base_model": {"type": "string"}},
+    ("application/gzip", "application/zip"),
+)
 
 
 @router.post(
@@ -243,10 +228,17 @@ def _archive(src: Path, root: str, fmt: ArchiveFormat) -> Path:
 
 @router.delete("/{name}", status_code=204, responses=ERRORS)
 def delete_adapter(
-    name: Name, registry: RegistryDep, settings: SettingsDep, tenant: TenantDep, version: Version = None
+    name: Name,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    version: Version = None,
 ) -> Response:
     """Delete one version, or every version of the adapter when `version` is omitted."""
-    registry.delete(name, version)
+    deleted = registry.delete(name, version)
+    if (vllm := backend_of(request.app)) is not None:  # CLTUNE_ENGINE_BACKEND=vllm: unload it there
+        vllm.drop(tenant, name, deleted)
     store = artifacts.store_from_settings(settings)
     if store is not None:  # else another host's copy would be pulled back in
         delete_shared(store, artifacts.adapters_prefix(tenant), name, version)

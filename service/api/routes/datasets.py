@@ -12,28 +12,11 @@ from service import artifacts, datasets
 from service.api.deps import EngineDep, SettingsDep, TenantDep
 from service.api.errors import ApiError
 from service.api.schemas import MAX_LIMIT, MAX_OFFSET, DatasetList, DatasetPublic, ErrorResponse
-from service.api.uploads import RAW_TYPES, Received, receive_multipart, receive_raw, too_large
+from service.api.uploads import RAW_TYPES, Received, receive_multipart, receive_raw, too_large, upload_doc
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 415, 422)}
-UPLOAD_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string"},
-                    },
-                }
-            },
-            "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
+UPLOAD_DOC = upload_doc({"name": {"type": "string"}}, ("application/x-ndjson",))
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, responses=ERRORS, openapi_extra=UPLOAD_DOC)
