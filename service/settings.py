@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     engine_max_batch: int = Field(16, ge=1, le=1024)  # requests generated together (mixed adapters)
     engine_max_wait_ms: float = Field(5.0, ge=0, le=60_000)  # how long a batch waits to fill up
     engine_max_tokens: int = Field(1024, ge=1, le=1_000_000)  # largest max_tokens a request may ask for
+    # embedded: the engine above generates in the API process; vllm: a running `vllm serve --enable-lora`
+    # (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, serving engine_model, seeing data_dir) generates: service/vllm_backend.py
+    engine_backend: str = Field("embedded", pattern="^(embedded|vllm)$")
+    vllm_url: str | None = None  # e.g. http://127.0.0.1:8001 (required with engine_backend=vllm)
+    vllm_model: str | None = None  # the base model's name in vLLM; None: the first model it lists
+    vllm_max_loras: int = Field(
+        8, ge=1, le=4096
+    )  # adapters kept loaded in vLLM; least recently used unloaded
+    vllm_timeout_seconds: float = Field(300.0, gt=0, le=3600)  # per read / write of one request to vLLM
     router_backend: str = Field("tfidf", pattern="^(tfidf|minilm)$")  # similarity for model="auto"
     router_threshold: float | None = Field(None, ge=0, le=1)  # None: the backend's default (cltune/router.py)
     # auto, no group above the threshold: the base model, or the most recent group (DEMA's reference)

@@ -35,6 +35,7 @@ from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse
 from service.engine import Completion, Engine, EngineParams, GenRequest, SamplingParams
 from service.settings import Settings
+from service.vllm_backend import backend_of, payload
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 415, 422)
@@ -166,9 +167,12 @@ def inference_engine(app: FastAPI) -> Engine:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    if app.state.settings.engine_preload:
+    if app.state.settings.engine_preload and app.state.settings.engine_backend == "embedded":
         await run_in_threadpool(inference_engine, app)
     yield
+    vllm = getattr(app.state, "vllm", None)
+    if vllm is not None:
+        await vllm.aclose()
     engine: Engine | None = getattr(app.state, "inference", None)
     if engine is not None:
         await run_in_threadpool(engine.close)
@@ -258,9 +262,7 @@ def _sampling(body: _OpenAIIn, max_tokens: int | None, limit: int) -> SamplingPa
     return sp
 
 
-async def _route(
-    model: str, instruction: str, tenant: str, registry: Registry, request: Request
-) -> tuple[Route, Engine]:
+async def _route(model: str, instruction: str, tenant: str, registry: Registry, request: Request) -> Route:
     settings: Settings = request.app.state.settings
     params = RouterParams(
         backend=settings.router_backend,
@@ -277,8 +279,7 @@ async def _route(
             param="model",
             code="model_not_found",
         ) from e
-    engine = await run_in_threadpool(inference_engine, request.app)
-    return route, engine
+    return route
 
 
 def _headers(route: Route) -> dict[str, str]:
@@ -339,7 +340,14 @@ async def create_completion(
     if body.stream and len(prompts) > 1:
         raise _bad("stream=true takes a single prompt", "prompt")
     sp = _sampling(body, body.max_tokens, settings.engine_max_tokens)
-    route, engine = await _route(body.model, prompts[0], tenant, registry, request)
+    route = await _route(body.model, prompts[0], tenant, registry, request)
+    if (vllm := backend_of(request.app)) is not None:  # CLTUNE_ENGINE_BACKEND=vllm: vLLM generates
+        fields = {"prompt": body.prompt, "add_special_tokens": False}  # as the embedded engine encodes
+        fwd = payload(sp, body.stream, body.stream_options, **fields)
+        return await vllm.forward(
+            "/v1/completions", fwd, tenant, route.record, route.served_by, _headers(route)
+        )
+    engine = await run_in_threadpool(inference_engine, request.app)
     key = engine.resolve(tenant, route.record) if route.record is not None else None
     reqs = [GenRequest(engine.tokenizer(p, add_special_tokens=False)["input_ids"], key, sp) for p in prompts]
     rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
@@ -392,7 +400,13 @@ async def create_chat_completion(
     instruction = next(
         (m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"]
     )
-    route, engine = await _route(body.model, instruction, tenant, registry, request)
+    route = await _route(body.model, instruction, tenant, registry, request)
+    if (vllm := backend_of(request.app)) is not None:  # vLLM applies the same chat template
+        fwd = payload(sp, body.stream, body.stream_options, messages=messages)
+        return await vllm.forward(
+            "/v1/chat/completions", fwd, tenant, route.record, route.served_by, _headers(route)
+        )
+    engine = await run_in_threadpool(inference_engine, request.app)
     key = engine.resolve(tenant, route.record) if route.record is not None else None
     req = GenRequest(encode_prompt(engine.tokenizer, messages), key, sp)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
