@@ -68,9 +68,10 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Both]:
     tmp = tmp_path_factory.mktemp("vllm")
     data = tmp / "data"
     data.mkdir()
-    (data / "models").symlink_to(REPO / "data" / "models")  # the cached SmolLM2 (converted once)
+    # SmolLM2 converted from its GGUF into this test's own data dir (a clean clone has no data/ yet);
+    # vLLM serves the same safetensors directory
     model = load_model(ModelConfig(name="smollm2-135m", device="cpu"), data / "models")
-    model_dir = next((REPO / "data" / "models").glob("smollm2-135m-*/config.json")).parent
+    model_dir = next((data / "models").glob("smollm2-135m-*/config.json")).parent
     port = _port()
     t0 = time.monotonic()
     proc = _start_vllm(model_dir, port, tmp / "vllm.log")  # starts while cltune trains
