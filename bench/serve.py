@@ -296,6 +296,19 @@ def run_scheduler_case(engine: Engine, plan: list[list[tuple[float, GenRequest]]
     }
 
 
+def env_info(loaded: Any, load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """Where the numbers were measured, and how busy the machine was before and after."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "device": str(loaded.device),
+    }
+
+
 def pinned_engine(args: argparse.Namespace, n_adapters: int, max_batch: int) -> tuple[Any, ...]:
     """`n_adapters` trained adapters in a fresh registry and an engine holding all of them resident
     (pinned), so the cases measure generation, not loads from disk. Returns (model config, registry,
@@ -398,15 +411,7 @@ def scheduler_suite(args: argparse.Namespace) -> None:
         == [engine.generate([req])[0].token_ids for cl in plans[levels[0]] for _, req in cl],
     }
     result["engine_stats"] = dict(engine.stats)
-    result["env"] = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "device": str(loaded.device),
-    }
+    result["env"] = env_info(loaded, load_before)
     engine.close()
     text = json.dumps(result, indent=1)
     print(text)
@@ -582,15 +587,7 @@ def main() -> None:
         "b/p": round(steps["p"] / steps["b"], 3),
     }
     result["engine_stats"] = dict(engine.stats)
-    result["env"] = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "device": str(loaded.device),
-    }
+    result["env"] = env_info(loaded, load_before)
     engine.close()
     peft_engine.close()
     text = json.dumps(result, indent=1)
