@@ -304,6 +304,38 @@ def run_scheduler_case(engine: Engine, plan: list[list[tuple[float, GenRequest]]
     }
 
 
+def latency_summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s over all repetitions, and p50/p99 time to first token and per-token latency."""
+    ttft = [x for r in rs for x in r["ttft"]]
+    tpot = [x for r in rs for x in r["tpot"]]
+    return {
+        "tokens_per_s": round(sum(r["tokens"] for r in rs) / sum(r["wall_s"] for r in rs), 1),
+        "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
+        "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
+        "per_token_p50_ms": round(statistics.median(tpot) * 1000, 2),
+        "per_token_p99_ms": round(pct(tpot, 99) * 1000, 2),
+    }
+
+
+def emit(result: dict[str, Any], levels: list[int], cases: list[str], label: str, out: Path | None) -> None:
+    """The JSON report on stdout (and to `out`), a table of latency_summary per level and case on stderr."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    head = f"\n{'clients':>7} {label:>20} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9}"
+    print(head + "  (ms)", file=sys.stderr)
+    for c in levels:
+        for name in cases:
+            v = result["results"][str(c)][name]
+            print(
+                f"{c:>7} {name:>20} {v['tokens_per_s']:8.1f} {v['ttft_p50_ms']:9.1f} {v['ttft_p99_ms']:9.1f} "
+                f"{v['per_token_p50_ms']:9.2f} {v['per_token_p99_ms']:9.2f}",
+                file=sys.stderr,
+            )
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def env_info(loaded: Any, load_before: tuple[float, float, float]) -> dict[str, Any]:
     """Where the numbers were measured, and how busy the machine was before and after."""
     return {
@@ -366,16 +398,10 @@ def scheduler_suite(args: argparse.Namespace) -> None:
                 )
 
     def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
-        ttft = [x for r in rs for x in r["ttft"]]
-        tpot = [x for r in rs for x in r["tpot"]]
         lat = [x for r in rs for x in r["latency"]]
         return {
-            "tokens_per_s": round(sum(r["tokens"] for r in rs) / sum(r["wall_s"] for r in rs), 1),
+            **latency_summary(rs),
             "tokens_per_s_each_rep": [round(r["tokens"] / r["wall_s"], 1) for r in rs],
-            "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
-            "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
-            "per_token_p50_ms": round(statistics.median(tpot) * 1000, 2),
-            "per_token_p99_ms": round(pct(tpot, 99) * 1000, 2),
             "latency_p50_s": round(statistics.median(lat), 3),
             "latency_p99_s": round(pct(lat, 99), 3),
             "decode_steps": rs[0]["steps"],
@@ -421,24 +447,7 @@ def scheduler_suite(args: argparse.Namespace) -> None:
     result["engine_stats"] = dict(engine.stats)
     result["env"] = env_info(loaded, load_before)
     engine.close()
-    text = json.dumps(result, indent=1)
-    print(text)
-    print(
-        f"\n{'clients':>7} {'scheduler':>10} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
-        f"{'tpot p50':>9} {'tpot p99':>9}  (ms)",
-        file=sys.stderr,
-    )
-    for c in levels:
-        for mode in modes:
-            v = result["results"][str(c)][mode]
-            print(
-                f"{c:>7} {mode:>10} {v['tokens_per_s']:8.1f} {v['ttft_p50_ms']:9.1f} {v['ttft_p99_ms']:9.1f} "
-                f"{v['per_token_p50_ms']:9.2f} {v['per_token_p99_ms']:9.2f}",
-                file=sys.stderr,
-            )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(result, levels, modes, "scheduler", args.out)
 
 
 # ---------------------------------------------------------------- vllm suite
@@ -717,16 +726,7 @@ def vllm_suite(args: argparse.Namespace) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
     def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
-        ttft = [x for r in rs for x in r["ttft"]]
-        tpot = [x for r in rs for x in r["tpot"]]
-        return {
-            "tokens": sum(r["tokens"] for r in rs),
-            "tokens_per_s": round(sum(r["tokens"] for r in rs) / sum(r["wall_s"] for r in rs), 1),
-            "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
-            "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
-            "per_token_p50_ms": round(statistics.median(tpot) * 1000, 2),
-            "per_token_p99_ms": round(pct(tpot, 99) * 1000, 2),
-        }
+        return {"tokens": sum(r["tokens"] for r in rs), **latency_summary(rs)}
 
     result: dict[str, Any] = {
         "suite": "vllm",
@@ -763,24 +763,7 @@ def vllm_suite(args: argparse.Namespace) -> None:
     )
     result["env"] = env_info(loaded, load_before)
     engine.close()
-    text = json.dumps(result, indent=1)
-    print(text)
-    print(
-        f"\n{'clients':>7} {'case':>20} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
-        f"{'tpot p50':>9} {'tpot p99':>9}  (ms)",
-        file=sys.stderr,
-    )
-    for c in levels:
-        for name in cases:
-            v = result["results"][str(c)][name]
-            print(
-                f"{c:>7} {name:>20} {v['tokens_per_s']:8.1f} {v['ttft_p50_ms']:9.1f} {v['ttft_p99_ms']:9.1f} "
-                f"{v['per_token_p50_ms']:9.2f} {v['per_token_p99_ms']:9.2f}",
-                file=sys.stderr,
-            )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(result, levels, cases, "case", args.out)
 
 
 # ---------------------------------------------------------------- adapters suite
