@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,7 @@ class Keeper:
     keep: int
     task: str
     task_index: int
-    metric: str | None = None  # what `validation` measures: "loss" or "score" (1 - score)
-    saved: list[int] = field(default_factory=list)
+    metric: str | None = None  # what `validation` measures: "loss" or "1 - score"
 
     def save(
         self,
@@ -75,7 +74,6 @@ class Keeper:
         (tmp / META).write_text(json.dumps(meta, indent=1))
         shutil.rmtree(dest, ignore_errors=True)  # a step saved by an earlier attempt of the task
         tmp.rename(dest)
-        self.saved = sorted({*self.saved, step})
         self.prune(best_step)
         return dest
 

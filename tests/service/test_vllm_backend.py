@@ -135,20 +135,24 @@ def _tenants(url: str) -> tuple[dict[str, str], dict[str, str]]:
     return keys, ids
 
 
+def vllm_settings(tmp_path: Path, vllm_url: str, **overrides: Any) -> Settings:
+    """A cltune app's settings with the vLLM backend at `vllm_url` (tiny-llama as the base)."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'api.db'}",
+        admin_key=ADMIN,
+        engine_model="tiny-llama",
+        engine_backend="vllm",
+        vllm_url=vllm_url,
+        **overrides,
+    )
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
     state = FakeVLLM()
     with serving(fake_vllm(state)) as vllm_url:
-        settings = Settings(
-            data_dir=tmp_path / "data",
-            database_url=f"sqlite:///{tmp_path / 'api.db'}",
-            admin_key=ADMIN,
-            engine_model="tiny-llama",
-            engine_backend="vllm",
-            vllm_url=vllm_url,
-            vllm_max_loras=2,
-            engine_max_tokens=64,
-        )
+        settings = vllm_settings(tmp_path, vllm_url, vllm_max_loras=2, engine_max_tokens=64)
         app = create_app(settings)
         with serving(app) as url:
             keys, ids = _tenants(url)
@@ -271,14 +275,7 @@ def test_vllm_down_is_a_503(tmp_path: Path) -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
     port = sock.getsockname()[1]
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'api.db'}",
-        admin_key=ADMIN,
-        engine_model="tiny-llama",
-        engine_backend="vllm",
-        vllm_url=f"http://127.0.0.1:{port}",
-    )
+    settings = vllm_settings(tmp_path, f"http://127.0.0.1:{port}")
     with serving(create_app(settings)) as url:
         keys, _ = _tenants(url)
         r = httpx.post(
