@@ -23,7 +23,7 @@ least 100 held out per task; `--sequence demo`: the demo's capitals, French numb
 Training is `steps: auto` (validation loss, patience 2, at most --max-steps per task) unless --steps N.
 
 Prints JSON (also written to --out if given) and a table: AP, BWT, forgetting (docs/methods.md
-section 0) and wall time per method. DEMA's R is routed by run_sequence itself (cltune.served): every
+section 0) and wall time per method. DEMA's R is routed by run_continual itself (cltune.served): every
 held-out prompt goes to the group whose codebook its instruction is most similar to (cltune.router), else
 to the most recent group, as DEMA's groups are served; `dema` rows also report the routing accuracy (the
 share of prompts answered by the group that trained their task), from results' `scored_with`.
@@ -53,12 +53,12 @@ from cltune.config import (
     TaskConfig,
     TrainConfig,
 )
+from cltune.continual import run_continual
 from cltune.data import prompt_text
 from cltune.evaluate import format_matrix
 from cltune.methods import METHODS
 from cltune.methods.base import MethodState
 from cltune.models import LoadedModel, load_model, pretrain_tiny
-from cltune.sequence import run_sequence
 from cltune.stats import fmt, mean_ci, summarize_results
 from cltune.train import Callbacks
 
@@ -137,7 +137,7 @@ def sequence_tasks(directory: Path, sequence: str, max_eval: int) -> list[TaskCo
 
 def routing_accuracy(run_dir: Path, cfg: RunConfig, scored_with: dict[str, Any]) -> float:
     """Share of the final row's prompts answered by the adapter of the DEMA group that trained their task
-    (run_sequence routes every prompt: `scored_with` says which adapter answered how many per column)."""
+    (run_continual routes every prompt: `scored_with` says which adapter answered how many per column)."""
     last = cfg.tasks[-1]
     state = MethodState.load(run_dir / "tasks" / f"{len(cfg.tasks) - 1:02d}-{last.name}" / "state")
     assert state is not None
@@ -203,7 +203,7 @@ def run_one(spec: str, seed: int, args: argparse.Namespace, work: Path) -> dict[
     t0 = time.perf_counter()
     tag = f"[{spec} seed {seed}]"
     log = Callbacks(log=lambda message, **_: print(tag, message, flush=True))
-    res = run_sequence(cfg, run_dir, loaded=loaded, resume=False, callbacks=log)
+    res = run_continual(cfg, run_dir, loaded=loaded, resume=False, callbacks=log)
     out: dict[str, Any] = {
         "method": spec,
         "seed": seed,
@@ -217,7 +217,7 @@ def run_one(spec: str, seed: int, args: argparse.Namespace, work: Path) -> dict[
         "train_s": sum(x["seconds"] for x in res.train),
         "steps": sum(x["steps"] for x in res.train),
     }
-    if name == "dema":  # R is routed per prompt (run_sequence): how often the right group answered
+    if name == "dema":  # R is routed per prompt (run_continual): how often the right group answered
         out["routing_accuracy"] = routing_accuracy(run_dir, cfg, res.scored_with)
     print(
         f"[continual] {spec} seed {seed}: AP {res.metrics.get('ap', float('nan')):.3f} "

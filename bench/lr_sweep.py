@@ -25,8 +25,8 @@ import torch
 from continual import sequence_tasks, train_config
 
 from cltune.config import EvalConfig, LoraConfig, MethodConfig, ModelConfig, RunConfig
+from cltune.continual import run_continual
 from cltune.models import load_model
-from cltune.sequence import run_sequence
 from cltune.stats import mean_ci
 
 
@@ -45,7 +45,7 @@ def run_one(lr: float, task_index: int, seed: int, args: argparse.Namespace, wor
         eval=EvalConfig(batch_size=64, heatmap=False, general=[]),
     )
     t0 = time.perf_counter()
-    res = run_sequence(cfg, work / f"{lr:g}-{task.name}-{seed}", loaded=loaded, resume=False)
+    res = run_continual(cfg, work / f"{lr:g}-{task.name}-{seed}", loaded=loaded, resume=False)
     info = res.train[0]
     out = {
         "lr": lr,

@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ from cltune.config import LoraConfig, ModelConfig  # noqa: E402
 from cltune.methods.common import peft_lora_config  # noqa: E402
 from cltune.models import LoadedModel, cache_kwarg, load_model  # noqa: E402
 from cltune.registry import Registry  # noqa: E402
-from service.engine import (  # noqa: E402
+from service.inference import (  # noqa: E402
     AdapterKey,
     Completion,
     Engine,
@@ -171,14 +172,7 @@ def run_case(engine: Engine, reqs: list[GenRequest], clients: int) -> dict[str, 
             lat[i] = time.perf_counter() - t0
             toks[i] = out.token_ids
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(clients, client, start)
     return {"wall_s": wall, "tokens": sum(map(len, toks)), "latencies": lat, "token_ids": toks}
 
 
@@ -207,7 +201,7 @@ def step_costs(
             fwd = (
                 eng.forward_for(ad)
                 if eng.forward_for
-                else eng._forward([eng._resident[k] if k else 0 for k in ad])
+                else eng._forward([eng._slots.resident[k] if k else 0 for k in ad])
             )
             mask = torch.ones(b, 20, dtype=torch.long)
             pos = torch.arange(20)[None].expand(b, 20)
@@ -280,15 +274,8 @@ def run_scheduler_case(engine: Engine, plan: list[list[tuple[float, GenRequest]]
             time.sleep(gap)
             outs[c, i] = engine.submit(req).result()
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(plan))]
-    for t in threads:
-        t.start()
     steps0 = engine.stats["steps"]
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(len(plan), client, start)
     done = [outs[k] for k in sorted(outs)]
     ttft = [o.timing.first_token - o.timing.submitted for o in done]
     tpot = [(o.timing.finished - o.timing.first_token) / max(1, len(o.token_ids) - 1) for o in done]
@@ -301,6 +288,44 @@ def run_scheduler_case(engine: Engine, plan: list[list[tuple[float, GenRequest]]
         "latency": latency,
         "token_ids": [o.token_ids for o in done],
         "steps": engine.stats["steps"] - steps0,
+    }
+
+
+def run_clients(n: int, client: Callable[[int], None], start: threading.Barrier) -> float:
+    """Start `n` client threads (each waits on `start`), release them together, join them: the wall time."""
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def timings(done: list[tuple[Any, ...]], wall: float) -> dict[str, Any]:
+    """Per request (sent, first token, last token, tokens, ...): tokens, TTFT, per-token time, latency."""
+    return {
+        "wall_s": wall,
+        "tokens": sum(d[3] for d in done),
+        "ttft": [d[1] - d[0] for d in done],
+        "tpot": [(d[2] - d[1]) / max(1, d[3] - 1) for d in done],
+        "latency": [d[2] - d[0] for d in done],
+    }
+
+
+def load_settings(suite: str, args: argparse.Namespace, levels: list[int], setup_s: float) -> dict[str, Any]:
+    """What a load suite's JSON says about how it was run (the clients, arrivals and lengths)."""
+    return {
+        "suite": suite,
+        "model": args.model,
+        "levels": levels,
+        "requests_per_level": {str(c): c * args.per_client for c in levels},
+        "new_tokens": [args.min_new, args.max_new],
+        "mean_gap_ms": args.mean_gap_ms,
+        "max_batch": args.max_batch,
+        "reps": args.reps,
+        "setup_s": round(setup_s, 1),
     }
 
 
@@ -408,17 +433,9 @@ def scheduler_suite(args: argparse.Namespace) -> None:
         }
 
     result: dict[str, Any] = {
-        "suite": "scheduler",
-        "model": args.model,
-        "levels": levels,
-        "requests_per_level": {str(c): c * args.per_client for c in levels},
-        "new_tokens": [args.min_new, args.max_new],
-        "mean_gap_ms": args.mean_gap_ms,
-        "max_batch": args.max_batch,
+        **load_settings("scheduler", args, levels, setup_s),
         "max_wait_ms": args.max_wait_ms,
-        "reps": args.reps,
         "rank": args.rank,
-        "setup_s": round(setup_s, 1),
         "results": {},
     }
     for c in levels:
@@ -501,25 +518,11 @@ def _http_case(
                             usage = ev["usage"]["completion_tokens"]
                 outs[c, i] = (t0, first or time.perf_counter(), time.perf_counter(), usage, "".join(text))
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(plan))]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(len(plan), client, start)
     if errors:
         raise RuntimeError(f"{url}: {errors[:3]}")
     done = [outs[k] for k in sorted(outs)]
-    return {
-        "wall_s": wall,
-        "tokens": sum(d[3] for d in done),
-        "ttft": [d[1] - d[0] for d in done],
-        "tpot": [(d[2] - d[1]) / max(1, d[3] - 1) for d in done],
-        "latency": [d[2] - d[0] for d in done],
-        "texts": [d[4] for d in done],
-    }
+    return {**timings(done, wall), "texts": [d[4] for d in done]}
 
 
 def _hf_case(pm: PeftModel, plan: list[list[tuple[float, GenRequest]]]) -> dict[str, Any]:
@@ -531,7 +534,7 @@ def _hf_case(pm: PeftModel, plan: list[list[tuple[float, GenRequest]]]) -> dict[
         def __init__(self) -> None:
             self.times: list[float] = []
 
-        def put(self, value: Any) -> None:
+        def put(self, _value: Any) -> None:
             self.times.append(time.perf_counter())
 
         def end(self) -> None:
@@ -559,22 +562,8 @@ def _hf_case(pm: PeftModel, plan: list[list[tuple[float, GenRequest]]]) -> dict[
                     out = pm.generate(input_ids=ids, streamer=st, **kw)
             outs[c, i] = (t0, st.times[1], time.perf_counter(), out.shape[1] - ids.shape[1])
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(plan))]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    done = [outs[k] for k in sorted(outs)]
-    return {
-        "wall_s": wall,
-        "tokens": sum(d[3] for d in done),
-        "ttft": [d[1] - d[0] for d in done],
-        "tpot": [(d[2] - d[1]) / max(1, d[3] - 1) for d in done],
-        "latency": [d[2] - d[0] for d in done],
-    }
+    wall = run_clients(len(plan), client, start)
+    return timings([outs[k] for k in sorted(outs)], wall)
 
 
 def vllm_suite(args: argparse.Namespace) -> None:
@@ -729,15 +718,7 @@ def vllm_suite(args: argparse.Namespace) -> None:
         return {"tokens": sum(r["tokens"] for r in rs), **latency_summary(rs)}
 
     result: dict[str, Any] = {
-        "suite": "vllm",
-        "model": args.model,
-        "levels": levels,
-        "requests_per_level": {str(c): c * args.per_client for c in levels},
-        "new_tokens": [args.min_new, args.max_new],
-        "mean_gap_ms": args.mean_gap_ms,
-        "max_batch": args.max_batch,
-        "reps": args.reps,
-        "setup_s": round(setup_s, 1),
+        **load_settings("vllm", args, levels, setup_s),
         "results": {str(c): {n: summary(runs[c][n]) for n in cases} for c in levels},
     }
     top = result["results"][str(max(levels))]

@@ -7,7 +7,7 @@ writes. Other regular files (a method state, a README) are skipped. Refused, eac
   archive   absolute paths, '..', links, devices, more than MAX_MEMBERS members, a member over the
             size limit (declared or actual), encrypted zip members, two copies of one file
   config    not a JSON object, peft_type other than LORA, LoRA variants that the serving engine
-            (service/engine.py: plain A/B per Linear layer, scale alpha/r) or cltune's training cannot
+            (service/inference/lora.py: plain A/B per Linear layer, scale alpha/r) or cltune's training cannot
             reproduce (UNSUPPORTED), base-changing initialisations (PiSSA, OLoRA, LoftQ, CorDA)
   weights   no pickle is ever read: safetensors only, float dtypes, keys of the form
             `base_model.model.<module>.lora_A|lora_B.weight`, a module that is no Linear layer of the base
@@ -34,13 +34,13 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
+from cltune.adapter_files import CONFIG, RECORD, WEIGHTS
 from cltune.config import LoraConfig, check_name
 from cltune.data import file_sha256
 from cltune.errors import ConflictError, InvalidAdapterError
 from cltune.models import CATALOG, ModelStructure, base_fingerprint, model_structure
 from cltune.registry import AdapterRecord, Registry
 
-CONFIG, WEIGHTS, RECORD = "adapter_config.json", "adapter_model.safetensors", "record.json"
 WANTED = (CONFIG, WEIGHTS, RECORD)
 MAX_MEMBERS = 16  # a download holds 3-5 files; a handful more is a README, never thousands
 MAX_JSON_BYTES = 1024 * 1024  # adapter_config.json and record.json are a few hundred bytes
@@ -116,7 +116,7 @@ def unpack(archive: Path, dest: Path, limit: int) -> list[str]:
 def _tar_members(path: Path) -> Iterator[Member]:
     with tarfile.open(path, "r:gz") as tar:
         for m in tar:  # one header at a time: a bomb of members stops at MAX_MEMBERS
-            yield m.name, _tar_kind(m), m.size, lambda m=m: tar.extractfile(m)  # type: ignore[misc, return-value]
+            yield m.name, _tar_kind(m), m.size, lambda m=m: tar.extractfile(m)  # type: ignore[misc]
 
 
 def _tar_kind(m: tarfile.TarInfo) -> str:

@@ -30,12 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cltune.artifacts import MARKER, ArtifactStore, delete_prefix, fetch_published, join, publish
+from cltune.adapter_files import RECORD
+from cltune.artifacts import ArtifactStore, delete_prefix, fetch_published, join, publish
 from cltune.data import file_sha256
 from cltune.errors import ConflictError, NotFoundError
 
 MANIFEST = "manifest.json"
-RECORD = MARKER  # = cltune.registry.RECORD (not imported: that module loads torch and peft)
 CLAIM = "claim.json"  # <prefix>/<name>/v<N>/claim.json: this version number is taken
 LOCAL_STATE = ".sync.json"  # in the run dir: the snapshot id this copy last pushed or pulled
 SKIP_NAMES = ("crash.log", LOCAL_STATE)  # per-host files: a faulthandler log, our own bookkeeping

@@ -19,15 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from cltune.errors import CLTuneError, ConflictError, InvalidNameError, MissingDependencyError, NotFoundError
+from cltune.adapter_files import RECORD
+from cltune.errors import (
+    ConflictError,
+    InvalidNameError,
+    MissingDependencyError,
+    NotFoundError,
+    StoreError,
+)
 
-MARKER = "record.json"  # the default marker: the registry's record is written last
-
-
-class StoreError(CLTuneError):
-    """The object store failed (unreachable, access denied, missing bucket)."""
-
-    kind = "artifact_store_error"
+MARKER = RECORD  # the default marker: the registry's record is written last
 
 
 class ArtifactStore(Protocol):

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from cltune.config import MethodConfig, RunConfig, load_config
+from cltune.continual import RunResult, run_continual
 from cltune.errors import CLTuneError
 from cltune.evaluate import format_matrix
 from cltune.init_adapter import pin_config
 from cltune.registry import Registry
-from cltune.sequence import RunResult, run_sequence
 from cltune.train import Callbacks, Progress
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -91,7 +91,7 @@ def run_config(cfg: RunConfig, run_dir: Path | None = None) -> RunResult:
     run_dir = run_dir or data_dir() / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     bar = ProgressBar()
     try:
-        return run_sequence(
+        return run_continual(
             cfg,
             run_dir,
             registry=Registry(data_dir() / "adapters"),

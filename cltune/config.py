@@ -1,69 +1,50 @@
-"""Run configuration: the one place where defaults live.
+"""Run configuration: a RunConfig is what `cltune train CONFIG` reads from YAML and what the service
+receives over HTTP. YAML files hold overrides only; every default is declared here or in the sections
+module (model, lora, train, eval), which the lower layers import without the method registry.
 
-A RunConfig is what `cltune train CONFIG` reads from YAML and what the service receives over HTTP.
-YAML files hold overrides only; every default is declared here.
+Method names, method params and scorer names are checked against the registries (imported late, so that
+reading a config does not load torch). `parse_config` reports every problem at once as structured errors:
+{field, message, input[, valid]}, with a method's own params reported as `method.params.<name>`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from cltune.errors import ConfigError, InvalidNameError
+from cltune.sections import (
+    NAME_RE,
+    EvalConfig,
+    LoraConfig,
+    ModelConfig,
+    Strict,
+    TrainConfig,
+    check_name,
+    valid_range,
+)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """Return `name` if it is a safe single path component, else raise InvalidNameError.
-
-    Valid: 1-64 characters from letters, digits, '.', '_', '-', starting with a letter or digit
-    (so no '..', no separators, no absolute paths, no control characters).
-    """
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
-        raise InvalidNameError(
-            f"invalid {what} {name!r}: use 1-64 characters from letters, digits, '.', '_', '-', "
-            "starting with a letter or digit, without '..'",
-            name=str(name),
-        )
-    return name
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Strict):
-    name: str = "smollm2-135m"  # catalog name (smollm2-135m, tiny-llama) or a local model directory
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    quantization: Literal["none", "4bit", "8bit"] = "none"  # QLoRA base via bitsandbytes
-    seed: int = Field(0, ge=0, le=2**31 - 1)  # weights of the random tiny-llama
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
-            raise ValueError(f"device {v!r} is not one of auto, cpu, mps, cuda, cuda:N")
-        return v
+__all__ = [
+    "NAME_RE",
+    "EvalConfig",
+    "LoraConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_name",
+    "load_config",
+    "parse_config",
+]
 
 
-class LoraConfig(_Strict):
-    r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0, le=4096)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    # module names (or name suffixes) of Linear layers; the service checks them against the model at submit
-    target_modules: list[Annotated[str, Field(min_length=1)]] | Literal["all-linear"] = Field(
-        ["q_proj", "v_proj"], min_length=1
-    )
-    layers_to_transform: list[Annotated[int, Field(ge=0)]] | None = None  # decoder layer indices
-
-
-class MethodConfig(_Strict):
+class MethodConfig(Strict):
     name: str = "seq_lora"
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -73,17 +54,20 @@ class MethodConfig(_Strict):
 
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; valid: {', '.join(sorted(METHODS))}")
+        params = METHODS[self.name].Params
         try:
-            METHODS[self.name].Params.model_validate(self.params)
-        except ValidationError as e:  # name the params' own fields: "params.ema_decay: ..."
-            problems = "; ".join(
-                f"params.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-            )
-            raise ValueError(f"method {self.name!r}: {problems}") from None
+            params.model_validate(self.params)
+        except ValidationError as e:  # carried whole to parse_config, which reports each param apart
+            errors = _field_errors(e, params, prefix="params")
+            raise PydanticCustomError(
+                "method_params",
+                "method {name}: {problems}",
+                {"name": repr(self.name), "problems": _joined(errors), "errors": errors},
+            ) from None
         return self
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     name: str
     train: str  # JSONL path (chat, alpaca or prompt/completion); for unlearning: the forget set
     eval: str | None = None  # held-out JSONL; None: hold out `eval_fraction` of `train`
@@ -129,66 +113,7 @@ class TaskConfig(_Strict):
         return v
 
 
-class TrainConfig(_Strict):
-    # "auto": train in epochs over the task's data, score a validation split every `val_every` steps,
-    # stop when it has not improved for `patience` validations or a budget (max_epochs, max_steps,
-    # max_minutes) ends, and keep the best checkpoint. An int: exactly that many optimizer steps;
-    # None: exactly `epochs` epochs. Unlearning methods have no validation target: "auto" = `epochs`.
-    steps: int | Literal["auto"] | None = "auto"
-    epochs: float = Field(1.0, gt=0, le=1000)  # steps: None (and unlearning under "auto")
-    max_epochs: float = Field(20.0, gt=0, le=1000)  # auto: budget in passes over the training split
-    max_steps: int = Field(1000, ge=1, le=10_000_000)  # auto: budget in optimizer steps
-    max_minutes: float | None = Field(None, gt=0, le=7 * 24 * 60)  # auto: wall-clock budget per task
-    patience: int = Field(3, ge=1, le=1000)  # auto: validations without improvement before stopping
-    min_delta: float = Field(0.01, ge=0.0, lt=1.0)  # auto: a loss must fall by this fraction to count
-    val_every: int | None = Field(None, ge=1)  # auto: steps between validations; None: half an epoch (5-50)
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # auto: share of the training split held out ...
-    val_max: int = Field(48, ge=2, le=10_000)  # ... capped at this many examples
-    val_metric: Literal["loss", "score"] = "loss"  # auto: answer-token CE (cheap) or the task's scorer
-    batch_size: int = Field(8, ge=1, le=4096)
-    grad_accum: int = Field(1, ge=1, le=1024)
-    lr: float = Field(2e-4, gt=0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0, le=1.0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0, le=1_000_000)
-    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
-    max_len: int = Field(256, ge=8, le=131_072)
-    seed: int = Field(0, ge=0, le=2**31 - 1)  # transformers' set_seed hands it to numpy (32-bit)
-    checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: only when stopped
-    # servable checkpoints (the served adapter, peft format) kept per task: taken at each validation
-    # (auto) or every checkpoint_every steps; the most recent N plus the best are kept; 0: none
-    keep_checkpoints: int = Field(3, ge=0, le=1000)
-    eval_every: int = Field(0, ge=0)  # optimizer steps; 0: only at task end
-    log_every: int = Field(1, ge=1)
-    tensorboard: bool = False  # also write TensorBoard event files to run_dir/tensorboard (cltune.tracking)
-    # several devices (cltune worker --devices-per-job N): "none" keeps a full copy of the base model on
-    # each device; "fsdp" shards the frozen decoder layers across them (FSDP2), adapters stay replicated
-    sharding: Literal["none", "fsdp"] = "none"
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _steps(cls, v: Any) -> Any:
-        if isinstance(v, bool) or (isinstance(v, int) and not 1 <= v <= 10_000_000):
-            raise ValueError(f"steps {v!r} must be 'auto', null (use epochs) or an integer 1..10000000")
-        return v
-
-    @property
-    def auto(self) -> bool:
-        return self.steps == "auto"
-
-
-class EvalConfig(_Strict):
-    max_new_tokens: int = Field(16, ge=1, le=4096)
-    batch_size: int = Field(32, ge=1, le=4096)
-    bwt_normalizer: Literal["T-1", "T"] = "T-1"  # "T" is TRACE's convention; both are recorded
-    heatmap: bool = True
-    # general abilities no task trains, scored after every task (cltune/general.py): perplexity of
-    # general text and of GSM8K solutions by default; "gsm8k" (few-shot accuracy) is slow, opt-in
-    general: list[Literal["text_ppl", "gsm8k_ppl", "gsm8k"]] = ["text_ppl", "gsm8k_ppl"]
-    general_examples: int = Field(32, ge=1, le=1319)  # per probe
-
-
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = "run"
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -243,13 +168,55 @@ class RunConfig(_Strict):
         return task.method or self.method
 
 
-def _format_errors(e: ValidationError) -> list[dict[str, Any]]:
-    out = []
+def _field_errors(e: ValidationError, model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]:
+    """Each problem of `e` as {field, message, input[, valid]}; a method-params problem becomes one entry
+    per param, and an out-of-range value names its whole valid range ("1 <= r <= 1024")."""
+    out: list[dict[str, Any]] = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        loc = [str(p) for p in err["loc"]]
+        if err["type"] == "method_params":  # raised by MethodConfig with its params' own errors
+            head = ".".join([prefix, *loc] if prefix else loc)
+            out += [{**x, "field": f"{head}.{x['field']}"} for x in err["ctx"]["errors"]]
+            continue
         msg = err["msg"].removeprefix("Value error, ")
-        out.append({"field": loc, "message": msg, "input": _short(err.get("input"))})
+        entry = {"field": ".".join([prefix, *loc] if prefix else loc) or "(root)", "message": msg}
+        entry["input"] = _short(err.get("input"))
+        owner = _model_at(model, loc[:-1]) if loc else None
+        valid = None
+        if owner and err["type"] == "extra_forbidden":
+            valid = ", ".join(owner.model_fields)
+        elif owner and loc[-1] in owner.model_fields and ("greater" in msg or "less" in msg):
+            valid = valid_range(owner, loc[-1])
+        if valid:
+            entry |= {"message": f"{msg} (valid: {valid})", "valid": valid}
+        out.append(entry)
     return out
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model reached from `model` along the field path `loc` (list indices skipped)."""
+    for part in (p for p in loc if not p.isdigit()):
+        info = model.model_fields.get(part)
+        nested = _nested_model(info.annotation) if info else None
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as `TaskConfig`, `list[TaskConfig]`, `MethodConfig | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _nested_model(arg)
+        if found:
+            return found
+    return None
+
+
+def _joined(errors: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{x['field']}: {x['message']}" for x in errors)
 
 
 def _short(v: Any) -> Any:
@@ -266,9 +233,8 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        errors = _format_errors(e)
-        lines = "; ".join(f"{x['field']}: {x['message']}" for x in errors)
-        raise ConfigError(f"invalid run config: {lines}", errors=errors) from None
+        errors = _field_errors(e, RunConfig)
+        raise ConfigError(f"invalid run config: {_joined(errors)}", errors=errors) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

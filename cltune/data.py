@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -277,13 +278,15 @@ class TokenStats:
 def prompt_text(tokenizer: Any, messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:
     """The prompt as the model sees it at generation time (chat template + generation prompt)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return cast(str, text)  # tokenize=False: the rendered prompt
     turns = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
     return turns + "### Assistant:\n"
 
 
 def encode_prompt(tokenizer: Any, messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> list[int]:
-    return tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return cast(list[int], ids)  # one unbatched text: a flat list of token ids
 
 
 def tokenize(
@@ -337,7 +340,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def batches(n: int, batch_size: int, seed: int, start: int = 0):
+def batches(n: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
     """Yield lists of example indices forever: a fresh seeded permutation each epoch.
 
     `start` skips that many batches, so a resumed run sees exactly the batches it would have seen.

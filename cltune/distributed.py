@@ -1,13 +1,15 @@
 """Data-parallel training of one run on several devices (GPUs, or CPU processes on gloo) through accelerate.
 
 `launch(fn, n, *args)` starts n processes (spawn) that form one process group (accelerate picks NCCL on
-GPUs, gloo on CPU); `run_sequence_ddp` runs the same continual run, the same training loop
-(cltune.train.train_task) on each. Per optimizer step every rank takes its share of the same global batch
-(`batch_size` examples split across ranks) and the loop averages gradients across ranks before the
-optimizer step, which is what DDP does (DDP's module wrapper is not used: methods call the peft model's
-own attributes, which a DistributedDataParallel wrapper would hide). Every rank keeps the same weights,
-so rank 0 alone registers adapters and reports progress; each rank checkpoints into its own directory
-(rank 0: the run dir, rank r: <run dir>/rank<r>) and resumes from it.
+GPUs, gloo on CPU); `cltune.continual.run_continual_rank` runs the same continual run, the same training
+loop (cltune.train.train_task) on each. This module holds the helpers only (process group, accelerator,
+sharding, gradient averaging); it imports neither the continual run nor the loop. Per optimizer step
+every rank takes its share of the same global batch (`batch_size` examples split across ranks) and the
+loop averages gradients across ranks before the optimizer step, which is what DDP does (DDP's module
+wrapper is not used: methods call the peft model's own attributes, which a DistributedDataParallel
+wrapper would hide). Every rank keeps the same weights, so rank 0 alone registers adapters and reports
+progress; each rank checkpoints into its own directory (rank 0: the run dir, rank r: <run dir>/rank<r>)
+and resumes from it.
 
 `train.sharding: fsdp` shards the frozen base too (`shard_frozen_layers`): every decoder layer becomes an
 FSDP2 unit (torch's `fully_shard`) whose frozen weights are split across the ranks and gathered for the
@@ -60,10 +62,10 @@ def launch(fn: Callable[..., Any], num_processes: int, *args: Any) -> None:
     `fn` must be importable (a module-level function); it creates `accelerator()` to join the group.
     Raises torch.multiprocessing.ProcessRaisedException when a rank fails.
     """
-    import torch.multiprocessing as tmp
+    from torch.multiprocessing.spawn import start_processes
 
     port = free_port()
-    tmp.start_processes(
+    start_processes(  # type: ignore[no-untyped-call]
         _rank_main, args=(fn, num_processes, port, args), nprocs=num_processes, start_method="spawn"
     )
 
@@ -125,34 +127,3 @@ def shard_frozen_layers(model: torch.nn.Module, acc: Any) -> int:
 
 def rank_run_dir(run_dir: str | Path, rank: int) -> Path:
     return Path(run_dir) if rank == 0 else Path(run_dir) / f"rank{rank}"
-
-
-def run_sequence_ddp(
-    cfg_json: dict[str, Any], run_dir: str, registry_root: str | None, kw: dict[str, Any]
-) -> None:
-    """One rank of `run_sequence` (launch it with `launch(run_sequence_ddp, n, ...)`). `kw` holds
-    run_sequence's other arguments; `kw["callbacks"]` (rank 0 only) may be picklable callables."""
-    from cltune.config import parse_config
-    from cltune.registry import Registry
-    from cltune.sequence import run_sequence
-    from cltune.train import Callbacks
-
-    acc = accelerator()
-    cfg = parse_config(cfg_json)
-    check_world(cfg.train.batch_size, acc.num_processes)
-    if cfg.model.device == "auto":  # one device per rank: cuda:<local rank>, or cpu
-        cfg.model.device = "cpu" if acc.device.type == "cpu" else f"cuda:{acc.local_process_index}"
-    main = acc.process_index == 0
-    cb = kw.pop("callbacks", None) if main else None
-    if not main:
-        kw.pop("callbacks", None)
-    run_sequence(
-        cfg,
-        rank_run_dir(run_dir, acc.process_index),
-        registry=Registry(registry_root) if main and registry_root else None,
-        callbacks=cb or Callbacks(),
-        accelerator=acc,
-        **kw,
-    )
-    acc.wait_for_everyone()
-    acc.end_training()

@@ -82,6 +82,24 @@ class MissingDependencyError(CLTuneError):
     kind = "missing_dependency"
 
 
+class StoreError(CLTuneError):
+    """The artifact store failed (unreachable, access denied, missing bucket)."""
+
+    kind = "artifact_store_error"
+
+
+class ExportError(CLTuneError):
+    """The adapter uses a feature the target server cannot load; the message says which."""
+
+    kind = "export_error"
+
+
+class EngineError(CLTuneError):
+    """The inference engine could not serve a request (e.g. more pinned adapters than slots)."""
+
+    kind = "engine_error"
+
+
 class StopRequested(CLTuneError):  # noqa: N818 - a signal, not a failure
     """Raised by the training loop when the cooperative `should_stop` callback fires."""
 

@@ -92,7 +92,10 @@ def first_number(pred: str, ref: str) -> float:
     p = _first(r"-?\d[\d,]*\.?\d*", pred)
     if p is None or not nums:
         return 0.0
-    clean = lambda s: s.replace(",", "").rstrip(".")  # noqa: E731
+
+    def clean(s: str) -> str:
+        return s.replace(",", "").rstrip(".")
+
     try:
         return float(float(clean(p)) == float(clean(nums[-1])))
     except ValueError:

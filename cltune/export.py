@@ -23,17 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cltune.errors import CLTuneError, NotFoundError
+from cltune.adapter_files import CONFIG, RECORD, WEIGHTS
+from cltune.errors import ExportError, NotFoundError
 
 VLLM_DEFAULT_MAX_RANK = 16
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-
-
-class ExportError(CLTuneError):
-    """The adapter uses a feature the target server cannot load; the message says which."""
-
-    kind = "export_error"
 
 
 @dataclass
@@ -112,7 +105,7 @@ def export_vllm(src: str | Path, out: str | Path, name: str, base_model: str | N
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"output directory {str(out)!r} is not empty", path=str(out))
     config, notes = vllm_adapter_config(json.loads((src / CONFIG).read_text()), _tensor_names(src / WEIGHTS))
-    record = json.loads((src / "record.json").read_text()) if (src / "record.json").is_file() else {}
+    record = json.loads((src / RECORD).read_text()) if (src / RECORD).is_file() else {}
     base = base_model or config.get("base_model_name_or_path") or None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
@@ -151,7 +144,7 @@ def export_from_registry(
 
     name, version = parse_ref(ref)
     src = Registry(root).path(name, version)
-    record = json.loads((src / "record.json").read_text())
+    record = json.loads((src / RECORD).read_text())
     base = base_model_dir(record, models_dir)
     result = export_vllm(src, out, name, base)
     if base is None:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cltune.adapter_import import WEIGHTS, adapter_lora
+from cltune.adapter_files import WEIGHTS
+from cltune.adapter_import import adapter_lora
 from cltune.config import LoraConfig, ModelConfig, RunConfig, parse_config
 from cltune.errors import ConfigError, InvalidAdapterError, InvalidNameError, NotFoundError
 from cltune.methods.base import MethodState

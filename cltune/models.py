@@ -33,9 +33,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from cltune.config import ModelConfig
 from cltune.data import file_sha256
 from cltune.errors import ConfigError, MissingDependencyError, NotFoundError
+from cltune.sections import ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CATALOG = {
@@ -223,8 +223,10 @@ def _bnb_config(kind: str, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if kind == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
 
 
 def pretrain_tiny(
@@ -251,7 +253,7 @@ def pretrain_tiny(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
     model.requires_grad_(False)
 
 
@@ -334,7 +336,7 @@ def model_structure(name: str, cache_dir: str | None = None) -> ModelStructure |
         else:
             return None
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return ModelStructure(
         tuple(n for n, _ in linears),

@@ -63,7 +63,7 @@ def save_heatmap(
 
 def save_learning_curves(train: list[dict[str, Any]], path: str | Path) -> Path:
     """One panel per task: training loss per step and the validation value at each check, with the
-    step whose adapters were kept marked (entries of a run's `train` list, see cltune/sequence.py)."""
+    step whose adapters were kept marked (entries of a run's `train` list, see cltune/continual.py)."""
     plt = _pyplot()
     n = max(1, len(train))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)

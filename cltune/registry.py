@@ -24,12 +24,11 @@ from peft import PeftModel, get_peft_model_state_dict
 from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 
+from cltune.adapter_files import PEFT_FILES, RECORD, WEIGHTS
 from cltune.config import check_name
 from cltune.errors import ConflictError, InvalidNameError, NotFoundError
 from cltune.methods.base import STATE_META, STATE_TENSORS, MethodState
 
-RECORD = "record.json"
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 STATE_FILES = (STATE_TENSORS, STATE_META)  # MethodState.save's files
 HIGH_WATER = ".deleted_up_to"  # per name: the highest deleted version
 
@@ -56,6 +55,10 @@ class AdapterRecord(BaseModel):
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def codebook_size(self) -> int:
+        return len(self.codebook)
+
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """'name' -> (name, None) meaning latest; 'name@3' -> (name, 3)."""
@@ -76,7 +79,7 @@ def write_peft(model: PeftModel, adapter: str, directory: Path) -> None:
     tensors = get_peft_model_state_dict(model, adapter_name=adapter)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        directory / "adapter_model.safetensors",
+        directory / WEIGHTS,
         metadata={"format": "pt"},
     )
     config = copy.deepcopy(model.peft_config[adapter])

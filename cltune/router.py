@@ -6,7 +6,7 @@ instructions its adapters were trained on; the same data DEMA groups by) with th
 `cltune.grouping` (TF-IDF by default, or MiniLM sentence embeddings); the best group above the threshold answers with its newest adapter,
 anything else goes to the base model, or (`fallback: recent`) to the most recent group, as DEMA's reference
 serves its groups. Every decision is logged with its score. `route_group` is the same choice over any
-group -> codebook mapping: a continual run scores DEMA's R matrix with it (cltune.sequence).
+group -> codebook mapping: a continual run scores DEMA's R matrix with it (cltune.continual).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def group_scores(instruction: str, books: dict[str, list[str]], backend: str = "
 
 
 def _dense(m: object) -> np.ndarray:
-    return np.asarray(m.toarray() if hasattr(m, "toarray") else m)  # type: ignore[attr-defined]
+    return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,7 +120,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 @functools.lru_cache(maxsize=256)
 def _minilm_centroid(book: tuple[str, ...]) -> np.ndarray:
     _, y = BACKENDS["minilm"](book[:1], book)  # [N, 384]
-    return np.asarray(y).mean(0)
+    centroid: np.ndarray = np.asarray(y).mean(0)
+    return centroid
 
 
 @dataclass(frozen=True)

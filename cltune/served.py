@@ -15,10 +15,11 @@ from cltune.evaluate import score_task
 from cltune.methods.base import MethodState
 from cltune.models import LoadedModel
 from cltune.router import DEFAULT_THRESHOLD, RouterParams, route_group
+from cltune.train import validation_loss
 
 if TYPE_CHECKING:
     from cltune.config import RunConfig
-    from cltune.sequence import TaskData
+    from cltune.task_data import TaskData
 
 Router = Callable[[str], str]  # instruction -> the adapter that answers it
 
@@ -58,7 +59,7 @@ def served_scoring(method: Any, state: MethodState, grouped: MethodState | None 
 def group_router(groups: list[dict[str, Any]], params: RouterParams, recent: str) -> Router:
     """instruction -> adapter of the group it routes to. groups: DEMA's [{name, adapter, codebook}]."""
     books = {g["name"]: list(g["codebook"]) for g in groups}
-    adapters = {g["name"]: g["adapter"] for g in groups}
+    adapters: dict[str, str] = {g["name"]: g["adapter"] for g in groups}
 
     def route(instruction: str) -> str:
         choice = route_group(instruction, books, params, recent)
@@ -113,8 +114,6 @@ def measure_served(
     loaded: LoadedModel, model: Any, method: Any, d: TaskData, cfg: RunConfig
 ) -> dict[str, float]:
     """Held-out answer-token CE and score of the model as it answers now with `method.serve_adapter`."""
-    from cltune.train import validation_loss  # late: cltune.train is the loop, imported by the sequence
-
     items, _ = tokenize(d.eval, loaded.tokenizer, cfg.train.max_len)
     ce = validation_loss(items, loaded.tokenizer.pad_token_id, loaded.device, cfg.eval.batch_size)
     score, _ = score_column(model, loaded.tokenizer, d, cfg, Scoring("", method.serve_adapter))

@@ -34,7 +34,7 @@ def separated(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """True when two intervals from mean_ci do not overlap (and each has at least two seeds)."""
     if a["n"] < 2 or b["n"] < 2:
         return False
-    return a["lo"] > b["hi"] or b["lo"] > a["hi"]
+    return bool(a["lo"] > b["hi"] or b["lo"] > a["hi"])
 
 
 def compare(method: dict[str, Any], baseline: dict[str, Any], higher_is_better: bool = True) -> str:

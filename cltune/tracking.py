@@ -61,7 +61,7 @@ class TensorBoardLog:
             self.writer.add_scalar(f"train/{k}", v, step)
 
     def logged(self, data: dict[str, Any], offset: int) -> None:
-        """The metrics inside a run's log lines (cltune.sequence / cltune.train `_log` data)."""
+        """The metrics inside a run's log lines (cltune.continual / cltune.train `_log` data)."""
         step = offset + int(data.get("step") or 0)
         if "validation" in data:
             self.writer.add_scalar(f"validation/{data['task']}", data["validation"], step)

@@ -27,7 +27,7 @@ from torch import nn
 
 from cltune.config import TrainConfig
 from cltune.data import batches, collate
-from cltune.errors import StopRequested
+from cltune.errors import ConfigError, ConflictError, StopRequested
 from cltune.methods.base import Method, MethodState, TaskContext
 from cltune.methods.common import mean_answer_ce, using_adapter
 
@@ -51,7 +51,7 @@ class Progress:
 @dataclass
 class Callbacks:
     should_stop: Callable[[], bool] = lambda: False
-    on_progress: Callable[[Progress], None] = lambda p: None
+    on_progress: Callable[[Progress], None] = lambda _: None
     on_eval: Callable[[int], None] | None = None  # called every `eval_every` steps with the step
     log: Callable[..., None] | None = None  # log(message, **data): job events
     on_checkpoint: Callable[[int], None] | None = None  # after each periodic checkpoint, with its step
@@ -250,11 +250,15 @@ def load_model_tensors(model: nn.Module, path: Path) -> None:
 
 
 def copy_tensors_(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors (adapter_tensors' names) into the model's parameters, in place."""
+    """Copy saved tensors (adapter_tensors' names) into the model's parameters, in place.
+
+    Raises:
+        ConflictError: the saved tensors name parameters the model lacks (another model or method).
+    """
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
-        raise ValueError(f"checkpoint has tensors the model lacks: {missing[:3]}")
+        raise ConflictError(f"checkpoint has tensors the model lacks: {missing[:3]}", missing=missing[:3])
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v)
@@ -300,13 +304,17 @@ def train_task(
     batch and gradients are averaged across ranks before each optimizer step; None: one process.
 
     Raises:
+        ConfigError: the method left no trainable parameters (e.g. its targets match no module).
+        ConflictError: the checkpoint to resume from does not fit the model.
         StopRequested: `should_stop()` returned True; a checkpoint was written first when
             `checkpoint_dir` is set, so the run can resume where it stopped.
     """
     cb = callbacks or Callbacks()
     params = method.trainable_parameters(model)
     if not params:
-        raise ValueError(f"method {method.name!r} left no trainable parameters for task {task.name!r}")
+        raise ConfigError(
+            f"method {method.name!r} left no trainable parameters for task {task.name!r}", errors=[]
+        )
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     early = EarlyStopping(cfg.patience, cfg.min_delta) if cfg.auto and validate is not None else None
     total = total_steps(cfg, len(task.train), early_stopping=early is not None)
@@ -350,7 +358,7 @@ def train_task(
             batch = {k: v.to(task.device) for k, v in collate(items, task.pad_id).items()}
             batch["global_index"] = torch.tensor(rows, dtype=torch.long)  # all ranks' rows (replay buffers)
             out = method.loss(model, batch)
-            (out.total / cfg.grad_accum).backward()
+            (out.total / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             loss_sum += out.total.item() / cfg.grad_accum
             for k, v in out.parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum

@@ -55,7 +55,8 @@ def truth_ratios(
     flat = [replace(ex, answer=alt) for ex, alts in zip(examples, perturbed, strict=True) for alt in alts]
     nll_p, n_p = answer_nll(model, tokenizer, flat, max_len)
     p_pert = np.exp(-nll_p / n_p).reshape(len(examples), k).mean(axis=1)  # [N] mean over perturbations
-    return np.exp(np.log(p_pert) - log_p_true)
+    ratios: np.ndarray = np.exp(np.log(p_pert) - log_p_true)
+    return ratios
 
 
 def forget_quality(unlearned: np.ndarray, reference: np.ndarray) -> float:

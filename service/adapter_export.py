@@ -14,9 +14,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from cltune.adapter_files import RECORD
 from cltune.errors import CLTuneError
 from cltune.export import base_model_dir, export_from_registry, export_vllm
 from cltune.registry import parse_ref
+from service import layout
 
 
 def _download(ref: str, into: Path) -> Path:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--registry", help="read a registry directory instead of a running server")
     p.add_argument(
         "--models-dir",
-        default=str(Path(os.environ.get("CLTUNE_DATA_DIR", "data")) / "models"),
+        default=str(layout.models_dir(Path(os.environ.get("CLTUNE_DATA_DIR", "data")))),
         help="where cltune keeps converted base models (to name vLLM's base model directory)",
     )
     args = p.parse_args(argv)
@@ -75,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="cltune-export-") as tmp:
                 src = _download(args.ref, Path(tmp))
-                record = (
-                    json.loads((src / "record.json").read_text()) if (src / "record.json").exists() else {}
-                )
+                record = json.loads((src / RECORD).read_text()) if (src / RECORD).exists() else {}
                 res = export_vllm(
                     src, args.out, parse_ref(args.ref)[0], base_model_dir(record, args.models_dir)
                 )

@@ -21,6 +21,7 @@ from typing import Any
 from cltune.cli import main as library_main
 from cltune.errors import CLTuneError
 from cltune.registry import parse_ref
+from service import layout
 
 DEFAULT_TENANT = "default"
 
@@ -288,7 +289,7 @@ def _import_adapter(args: argparse.Namespace) -> Any:
             limit=1 << 40,  # a local file: the caller's own
             base_model=args.base_model,
             default_base=base,
-            cache_dir=Path(os.environ.get("CLTUNE_DATA_DIR", "data")) / "models",
+            cache_dir=layout.models_dir(Path(os.environ.get("CLTUNE_DATA_DIR", "data"))),
             filename=path.name,
         )
         return rec.model_dump(mode="json", exclude={"codebook"})

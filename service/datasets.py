@@ -1,6 +1,7 @@
-"""Uploaded datasets: files under <data_dir>/datasets/<tenant>/<id>.jsonl plus a row each, every query
-scoped to one tenant. The name a client gives (its file's name: `my data.jsonl`, `ü.jsonl`) is only
-displayed: the file is stored under the generated id, so a name never becomes part of a path.
+"""Uploaded datasets: files under <data_dir>/datasets/<tenant>/<id>.jsonl (paths: service/layout.py) plus
+a row each, every query scoped to one tenant. The name a client gives (its file's name: `my data.jsonl`,
+`ü.jsonl`) is only displayed: the file is stored under the generated id, so a name never becomes part
+of a path.
 
 An upload is written to a temporary file in the same directory (by the API, chunk by chunk), validated
 with the library's reader, and published with one rename, so a half-written or invalid file never gets
@@ -21,18 +22,17 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from cltune.config import check_name
 from cltune.data import count_jsonl
 from cltune.errors import ConflictError, InvalidNameError, NotFoundError
+from service import layout
 from service.db import DatasetRow, JobRow, JobStatus, new_id, session, utcnow
+from service.layout import DATASET_FIELDS  # also read here by service.store
 from service.settings import Settings
 
 try:
     import fcntl
 except ImportError:  # Windows: staged uploads are only removed by age
     fcntl = None  # type: ignore[assignment]
-
-DATASET_FIELDS = ("train", "eval", "retain")  # TaskConfig fields that name a dataset
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def check_display_name(name: str) -> str:
 
 
 def tenant_dir(settings: Settings, tenant_id: str) -> Path:
-    d = settings.datasets_dir.resolve() / check_name(tenant_id, "tenant id")
+    d = layout.tenant_datasets_dir(settings.data_dir, tenant_id)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -109,7 +109,8 @@ def tenant_dir(settings: Settings, tenant_id: str) -> Path:
 def staging_path(settings: Settings, tenant_id: str) -> tuple[str, Path]:
     """A fresh dataset id and the temporary path its upload is streamed to."""
     ds_id = new_id("ds")
-    return ds_id, tenant_dir(settings, tenant_id) / f".upload-{ds_id}.jsonl"
+    tenant_dir(settings, tenant_id)  # made here: the upload is streamed into it
+    return ds_id, layout.staged_dataset_path(settings.data_dir, tenant_id, ds_id)
 
 
 def hold_staged(path: Path) -> int:
@@ -152,7 +153,7 @@ def clean_staging(
     and so does one younger than `grace` seconds (created, not locked yet). Where locks cannot be
     checked, only files not written to for `older_than` seconds go. Returns how many were removed."""
     removed, now = 0, time.time()
-    for p in settings.datasets_dir.glob("*/.upload-ds_*.jsonl"):
+    for p in layout.datasets_dir(settings.data_dir).glob(layout.STAGED_DATASETS_GLOB):
         try:
             age = now - p.stat().st_mtime
             if age >= older_than or (age >= grace and _is_locked(p) is False):
@@ -182,7 +183,7 @@ def publish(
     try:
         name = check_display_name(name)
         fmt, examples = count_jsonl(staged, name=name)
-        final = staged.with_name(f"{ds_id}.jsonl")
+        final = layout.dataset_path(settings.data_dir, tenant_id, ds_id)
         os.replace(staged, final)
         row = DatasetRow(
             id=ds_id,

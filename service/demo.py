@@ -20,7 +20,7 @@ from cltune.config import load_config
 from cltune.demo_data import ensure_demo_data, write_demo_data
 from cltune.errors import CLTuneError
 from cltune.evaluate import format_matrix
-from cltune.sequence import read_task_data
+from cltune.task_data import read_task_data
 
 DEMO_TENANT = ("demo", "t_demo")
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from cltune.artifact_sync import pull_registry
 from service import artifacts
+from service.layout import adapters_prefix
 from service.settings import Settings
 
 
@@ -24,5 +26,5 @@ def resolve_init_adapter(settings: Settings, tenant: str, config: dict[str, Any]
     root = settings.adapters_dir(tenant)
     store = artifacts.store_from_settings(settings)
     if store is not None:
-        artifacts.pull_registry(store, artifacts.adapters_prefix(tenant), root)
+        pull_registry(store, adapters_prefix(tenant), root)
     return pin(config, Registry(root))

@@ -5,6 +5,10 @@ The job process keeps the runner's contract: it talks to the worker through `sen
 `should_stop`, and sends one outcome. Ranks get a queue (rank 0's messages) and a stop event (the
 training loop makes every rank stop at the same step). Shared-store copies happen only where all ranks
 are in step: after each checkpoint (behind a barrier, in the ranks) and once all ranks have exited.
+
+A rank that fails with a domain error (cltune.errors) puts it on the queue as its class name, message and
+details ("rank_error"); the job process raises the same class with the same message and details, so the
+runner files it as it would a single-process job's (deterministic, not retried).
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import queue
-import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cltune.errors
 from cltune.errors import CLTuneError, StopRequested
+from service import layout
+from service.job_run import job_callbacks, jsonable, summary
 
 RELAY_POLL_SECONDS = 0.1
+RANK_ERROR = "rank_error"  # a message kind the relay keeps for the job process, never sent to the worker
 
 
 def run_parallel(
@@ -31,22 +38,22 @@ def run_parallel(
     send: Callable[[str, dict[str, Any]], None],
     should_stop: Callable[[], bool],
 ) -> dict[str, Any]:
-    """Run the job's (already restored) config `data` on `devices` ranks; return the runner's summary.
+    """Run the job's config `data` (resolved on this host) on `devices` ranks; return its summary.
 
     Raises:
         StopRequested: the stop fired; every rank checkpointed at the same step.
         CLTuneError: a rank failed with a domain error (bad data or config: not retried).
         RuntimeError: a rank failed otherwise (retried by the worker).
     """
-    import torch.multiprocessing as tmp
+    from torch.multiprocessing.spawn import ProcessRaisedException
 
     from cltune.distributed import launch
-    from service.runner import run_dir_of, summary
 
     ctx = mp.get_context("spawn")
     messages: Any = ctx.Queue()
     stop = ctx.Event()
     done = threading.Event()
+    rank_errors: list[dict[str, Any]] = []
 
     def relay() -> None:
         while True:
@@ -54,21 +61,28 @@ def run_parallel(
                 stop.set()
             try:
                 kind, payload = messages.get(timeout=RELAY_POLL_SECONDS)
-                send(kind, payload)
             except queue.Empty:
                 if done.is_set():
                     return
+                continue
+            if kind == RANK_ERROR:
+                rank_errors.append(payload)
+            else:
+                send(kind, payload)
 
     t = threading.Thread(target=relay, name="rank0-relay", daemon=True)
     t.start()
+    failed: str | None = None
     try:
         launch(rank_main, devices, job, data, str(data_dir), messages, stop)
-    except tmp.ProcessRaisedException as e:
-        raise _domain_error(str(e), stop.is_set()) from None
+    except ProcessRaisedException as e:
+        failed = str(e)
     finally:
         done.set()
-        t.join()
-    run_dir = run_dir_of(data_dir, job["id"])
+        t.join()  # drains the queue: a failed rank put its error there before it exited
+    if failed is not None:
+        raise rank_failure(rank_errors, failed) from None
+    run_dir = layout.run_dir(data_dir, job["id"])
     results = json.loads((run_dir / "results.json").read_text())
     progress = json.loads((run_dir / "progress.json").read_text())
     return summary(
@@ -82,52 +96,67 @@ def run_parallel(
     )
 
 
-def _domain_error(text: str, stopping: bool) -> Exception:
-    """A rank's exception arrives as its traceback text: rebuild the error the runner knows how to file."""
-    last = text.strip().splitlines()[-1] if text.strip() else ""
-    m = re.match(r"cltune\.errors\.(\w+): (.*)", last)
-    if m and m.group(1) == "StopRequested" or (stopping and "StopRequested" in text):
-        step = re.search(r"stopped at step (\d+)", text)
-        return StopRequested(m.group(2) if m else "stopped", step=int(step.group(1)) if step else None)
-    if m:
-        return CLTuneError(f"{m.group(1)}: {m.group(2)}")
+def error_message(e: CLTuneError, rank: int) -> dict[str, Any]:
+    """A rank's domain error as it crosses the process boundary (picklable, JSON-like)."""
+    return {"rank": rank, "type": type(e).__name__, "message": e.message, "details": jsonable(e.details)}
+
+
+def rebuild_error(payload: dict[str, Any]) -> CLTuneError:
+    """The error `error_message` describes: the cltune.errors class of that name (else CLTuneError) with
+    the same message and details. The constructor is bypassed: DataError, UnknownNameError, ... build
+    their message from their arguments, and the message arrives built."""
+    cls = getattr(cltune.errors, str(payload.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, CLTuneError)):
+        cls = CLTuneError
+    err = cls.__new__(cls)
+    CLTuneError.__init__(err, str(payload.get("message", "")), **dict(payload.get("details") or {}))
+    return err
+
+
+def rank_failure(errors: list[dict[str, Any]], text: str) -> Exception:
+    """The error of a failed data-parallel run: a rank's domain error (other ranks may have failed only
+    because it left the process group), else a stop every rank took, else the traceback text
+    (torch's ProcessRaisedException) as a RuntimeError (retried)."""
+    failures = [e for e in errors if e.get("type") != StopRequested.__name__]
+    stops = [e for e in errors if e.get("type") == StopRequested.__name__]
+    for found in (failures, stops):
+        if found:
+            return rebuild_error(min(found, key=lambda e: int(e.get("rank", 0))))
     return RuntimeError(f"a data-parallel rank failed:\n{text[-4000:]}")
 
 
 def rank_main(job: dict[str, Any], data: dict[str, Any], data_dir: str, messages: Any, stop: Any) -> None:
-    """One rank: the same run_sequence as a single-process job, with this rank's accelerator."""
-    from cltune.config import parse_config
-    from cltune.distributed import accelerator, check_world, rank_run_dir
+    """One rank: cltune's rank entry point (the same continual run as a single-process job) with the
+    job's registry, callbacks and data directory; a domain error goes to the job process whole."""
+    from cltune.continual import run_continual_rank
+    from cltune.distributed import accelerator
     from cltune.registry import Registry
-    from cltune.sequence import run_sequence
     from service.artifacts import SharedArtifacts
-    from service.runner import job_callbacks, run_dir_of
 
-    acc = accelerator()
-    cfg = parse_config(data)
-    check_world(cfg.train.batch_size, acc.num_processes)
-    if cfg.model.device == "auto":  # one device per rank
-        cfg.model.device = "cpu" if acc.device.type == "cpu" else f"cuda:{acc.local_process_index}"
-    main = acc.process_index == 0
     root = Path(data_dir)
-    shared = SharedArtifacts.open(job, root) if main else None  # restored by the job process already
+    rank = accelerator().process_index  # joins the group; run_continual_rank's accelerator shares its state
+    try:
+        shared = SharedArtifacts.open(job, root) if rank == 0 else None  # restored by the job process already
 
-    def send(kind: str, payload: dict[str, Any]) -> None:
-        if main:
-            messages.put((kind, payload))
+        def send(kind: str, payload: dict[str, Any]) -> None:
+            if rank == 0:
+                messages.put((kind, payload))
 
-    run_sequence(
-        cfg,
-        rank_run_dir(run_dir_of(root, job["id"]), acc.process_index),
-        registry=(shared.registry(job["id"]) if shared else Registry(root / "adapters" / job["tenant_id"]))
-        if main
-        else None,
-        callbacks=job_callbacks(
-            job, len(cfg.tasks), send, stop.is_set, shared, barrier=acc.wait_for_everyone
-        ),
-        cache_dir=root / "models",
-        created_by=job["id"],
-        resume=True,
-        accelerator=acc,
-    )
-    acc.wait_for_everyone()
+        run_continual_rank(
+            data,
+            layout.run_dir(root, job["id"]),
+            registry=lambda: (
+                shared.registry(job["id"])
+                if shared
+                else Registry(layout.adapters_dir(root, job["tenant_id"]))
+            ),
+            callbacks=lambda acc: job_callbacks(
+                job, len(data["tasks"]), send, stop.is_set, shared, barrier=acc.wait_for_everyone
+            ),
+            cache_dir=layout.models_dir(root),
+            created_by=job["id"],
+            resume=True,
+        )
+    except CLTuneError as e:  # to the job process with its class and details (see rank_failure)
+        messages.put((RANK_ERROR, error_message(e, rank)))
+        raise

@@ -15,16 +15,14 @@ Messages, each a tuple (kind, payload dict):
 A crash (os._exit, segfault, OOM kill) sends nothing: the parent sees EOF and the exit code, and
 the Python stacks that faulthandler wrote to <run_dir>/crash.log.
 
-Only this module writes trained adapters (through cltune.sequence.run_sequence and the tenant's Registry);
+Only this module writes trained adapters (through cltune.continual.run_continual and the tenant's Registry);
 the API imports adapters trained elsewhere (POST /v1/adapters, cltune.adapter_import).
 Top-level imports are stdlib only: the noop job starts in milliseconds, torch loads only for training.
 """
 
 from __future__ import annotations
 
-import copy
 import faulthandler
-import math
 import os
 import signal
 import threading
@@ -36,14 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from cltune.errors import CLTuneError, StopRequested
+from service import layout
+from service.job_run import Send, align_progress, job_callbacks, local_config, summary
 
 DEFAULT_CHECKPOINT_EVERY = 10  # optimizer steps between checkpoints when the job sets none (0)
-CRASH_LOG = "crash.log"
-Send = Callable[[str, dict[str, Any]], None]
-
-
-def run_dir_of(data_dir: Path, job_id: str) -> Path:
-    return data_dir / "runs" / job_id
 
 
 def child_main(
@@ -56,9 +50,9 @@ def child_main(
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C hits the whole process group: the worker
         signal.signal(sig, signal.SIG_IGN)  # decides (cooperative stop, then SIGKILL), not the child
     _exit_with_parent()
-    run_dir = run_dir_of(Path(data_dir), job["id"])
+    run_dir = layout.run_dir(Path(data_dir), job["id"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    crash = (run_dir / CRASH_LOG).open("w")
+    crash = layout.crash_log(Path(data_dir), job["id"]).open("w")
     faulthandler.enable(crash, all_threads=True)  # Python stacks on SIGSEGV/SIGABRT/SIGBUS/SIGFPE
     try:
         execute(job, Path(data_dir), lambda kind, payload: conn.send((kind, payload)), stop.is_set)
@@ -99,15 +93,29 @@ def execute(job: dict[str, Any], data_dir: Path, send: Send, should_stop: Callab
 def public_text(text: str, job: dict[str, Any], data_dir: Path) -> str:
     """`text` as the tenant may read it: each dataset file named by its id (as the job was submitted),
     other paths under the data directory relative to it. The host's own layout is none of its business."""
-    sent = ((job.get("spec") or {}).get("config") or {}).get("tasks") or []
-    resolved = (job.get("config") or {}).get("tasks") or []
-    for given, used in zip(sent, resolved, strict=False):
-        for f in ("train", "eval", "retain") if isinstance(given, dict) and isinstance(used, dict) else ():
-            if isinstance(given.get(f), str) and isinstance(used.get(f), str) and used[f]:
-                text = text.replace(used[f], given[f])
+    for path, shown in _dataset_names(job, data_dir):
+        text = text.replace(path, shown)
     for root in sorted({str(data_dir.resolve()), str(data_dir.absolute())}, key=len, reverse=True):
         text = text.replace(root + os.sep, "").replace(root, ".")
     return text
+
+
+def _dataset_names(job: dict[str, Any], data_dir: Path) -> list[tuple[str, str]]:
+    """(path, what the tenant sent) for each dataset file the job reads on this host."""
+    config, sent_config = job.get("config"), (job.get("spec") or {}).get("config")
+    if not isinstance(config, dict) or not job.get("tenant_id"):
+        return []
+    try:
+        local = layout.dataset_refs(local_config(job, data_dir))
+    except CLTuneError:  # e.g. an invalid tenant id: the error being reported says so already
+        return []
+    sent = {(i, f): v for i, f, v in layout.dataset_refs(sent_config)}
+    out = []
+    for (i, f, ref), (_, _, used) in zip(layout.dataset_refs(config), local, strict=True):
+        shown = sent.get((i, f), ref)  # as sent; else as stored (an id, or a library job's path)
+        if isinstance(shown, str):
+            out += [(p, shown) for p in (ref, used) if isinstance(p, str) and p and p != shown]
+    return out
 
 
 def _exit_with_parent() -> None:
@@ -139,22 +147,26 @@ def run_training(
 ) -> dict[str, Any]:
     """A continual run over the job's RunConfig, resumable from <data_dir>/runs/<job_id>.
 
-    With a shared artifact store the run directory, the tenant's adapters and missing datasets are
-    restored first and copied back after every checkpoint, so the next attempt may run on another
-    host. `job["devices"]` > 1: one data-parallel run over that many devices (service/parallel_job.py).
+    The job's config names uploaded datasets by id: they are resolved to files on this host (layout).
+    With a shared artifact store the run directory and the tenant's adapters are restored first, dataset
+    files this host lacks are fetched, and the run is copied back after every checkpoint, so the next
+    attempt may run on another host. `job["devices"]` > 1: one data-parallel run over that many devices
+    (service/parallel_job.py).
     """
     from cltune.config import parse_config  # late: torch and transformers load only here
+    from cltune.continual import run_continual
     from cltune.registry import Registry
-    from cltune.sequence import run_sequence
     from service.artifacts import SharedArtifacts
 
-    data = copy.deepcopy(job["config"])
+    shared = SharedArtifacts.open(job, data_dir)  # None on a single host: nothing is copied
+    if shared is not None:
+        shared.restore()  # the run dir and the tenant's adapters
+    data = local_config(job, data_dir, shared.fetch_dataset if shared is not None else None)
+    run_dir = layout.run_dir(data_dir, job["id"])
+    align_progress(run_dir, job["config"], data)  # a run begun on another host read its own files
     train = data.setdefault("train", {})
     if not train.get("checkpoint_every"):  # a service job must survive its worker: checkpoint periodically
         train["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY
-    shared = SharedArtifacts.open(job, data_dir)  # None on a single host: nothing is copied
-    if shared is not None:
-        data = shared.restore(data)  # the run dir, the tenant's adapters, missing datasets
     cfg = parse_config(data)
     devices = int(job.get("devices") or 1)
     try:
@@ -163,16 +175,16 @@ def run_training(
 
             result = run_parallel(job, data, data_dir, devices, send, should_stop)
         else:
-            res = run_sequence(
+            res = run_continual(
                 cfg,
-                run_dir_of(data_dir, job["id"]),
+                run_dir,
                 registry=(
                     shared.registry(job["id"])
                     if shared is not None
-                    else Registry(data_dir / "adapters" / job["tenant_id"])
+                    else Registry(layout.adapters_dir(data_dir, job["tenant_id"]))
                 ),
                 callbacks=job_callbacks(job, len(cfg.tasks), send, should_stop, shared),
-                cache_dir=data_dir / "models",
+                cache_dir=layout.models_dir(data_dir),
                 created_by=job["id"],
                 resume=True,
             )
@@ -190,87 +202,6 @@ def run_training(
     return result
 
 
-def job_callbacks(
-    job: dict[str, Any],
-    n_tasks: int,
-    send: Send,
-    should_stop: Callable[[], bool],
-    shared: Any = None,
-    barrier: Callable[[], None] | None = None,
-) -> Any:
-    """The training callbacks of a job: progress and log messages to the worker; with a shared store
-    (`shared`: service.artifacts.SharedArtifacts) a copy after every checkpoint and, on one process,
-    at every log line (task ends, registered adapters). `barrier` (data-parallel ranks): every rank
-    has written its checkpoint before the copy, and log lines copy nothing (ranks are not in step there).
-    """
-    from cltune.train import Callbacks, Progress
-
-    def on_progress(p: Progress) -> None:
-        send(
-            "progress",
-            {
-                "task": p.task,
-                "task_index": p.task_index,
-                "tasks": n_tasks,
-                "step": p.step,
-                "total_steps": p.total_steps,
-                "loss": p.loss,
-                "parts": p.parts,
-                "lr": p.lr,
-                "tokens_per_s": p.tokens_per_s,
-                "eta_s": p.eta_s,
-                "attempt": job["attempts"],
-            },
-        )
-
-    def log(message: str, level: str = "info", **extra: Any) -> None:
-        kind = "eval" if "score" in extra or "row" in extra else "log"
-        send("event", {"level": level, "type": kind, "message": message, "data": _jsonable(extra)})
-        if shared is not None and barrier is None:  # quiet points: copy what changed
-            shared.save()
-
-    def on_checkpoint(step: int) -> None:
-        if barrier is not None:
-            barrier()
-        if shared is not None:
-            shared.save()
-
-    return Callbacks(should_stop=should_stop, on_progress=on_progress, log=log, on_checkpoint=on_checkpoint)
-
-
-def summary(
-    tasks: list[str],
-    R: list[list[float]],
-    metrics: dict[str, Any],
-    records: list[dict[str, Any]],
-    train: list[dict[str, Any]],
-    run_dir: Path,
-    general: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The job's result: scores, CL metrics and the adapters it registered."""
-    adapters = [
-        {
-            "name": a["name"],
-            "version": a["version"],
-            "ref": f"{a['name']}@{a['version']}",
-            "task": a.get("task"),
-            "score": a.get("metrics", {}).get("score"),
-        }
-        for a in records
-    ]
-    return _jsonable(
-        {
-            "tasks": tasks,
-            "R": R,
-            "metrics": metrics,
-            "adapters": adapters,
-            "train": train,
-            "general": general or {},
-            "run_dir": str(run_dir),
-        }
-    )
-
-
 def run_noop(
     job: dict[str, Any], data_dir: Path, send: Send, should_stop: Callable[[], bool]
 ) -> dict[str, Any]:
@@ -281,7 +212,7 @@ def run_noop(
     Each execution appends one line to <run_dir>/noop.log, so tests can count executions.
     """
     spec = job["spec"]
-    run_dir = run_dir_of(data_dir, job["id"])
+    run_dir = layout.run_dir(data_dir, job["id"])
     with (run_dir / "noop.log").open("a") as f:
         f.write(f"pid={os.getpid()} attempt={job['attempts']}\n")
     steps, pause = int(spec.get("steps", 1)), float(spec.get("step_seconds", 0.0))
@@ -297,19 +228,3 @@ def run_noop(
         time.sleep(pause)
         send("progress", {"task": "noop", "step": step + 1, "total_steps": steps, "attempt": job["attempts"]})
     return {"steps": steps, "pid": os.getpid()}
-
-
-def _jsonable(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> float, anything else (Paths) -> str."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float | int) and not isinstance(x, bool) and not math.isfinite(x):
-        return None  # NaN/inf are not JSON (PostgreSQL's json type rejects them)
-    if x is None or isinstance(x, bool | int | float | str):
-        return x
-    try:
-        return _jsonable(float(x))
-    except (TypeError, ValueError):
-        return str(x)

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service import layout
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLTUNE_", extra="ignore")
@@ -30,7 +32,7 @@ class Settings(BaseSettings):
     #   (saves a query per request; a revoked key may work this much longer on other API processes)
     sse_poll_seconds: float = Field(0.5, gt=0, le=60)  # how often an SSE stream looks for new events
     sse_keepalive_seconds: float = Field(15.0, gt=0, le=600)  # comment lines that keep proxies open
-    # inference (/v1/completions, /v1/chat/completions): service/engine.py
+    # inference (/v1/completions, /v1/chat/completions): service/inference/
     engine_model: str = (
         "smollm2-135m"  # base model served (catalog name or model directory); adapters must match
     )
@@ -43,7 +45,7 @@ class Settings(BaseSettings):
     engine_max_wait_ms: float = Field(5.0, ge=0, le=60_000)  # how long a batch waits to fill up
     engine_max_tokens: int = Field(1024, ge=1, le=1_000_000)  # largest max_tokens a request may ask for
     # embedded: the engine above generates in the API process; vllm: a running `vllm serve --enable-lora`
-    # (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, serving engine_model, seeing data_dir) generates: service/vllm_backend.py
+    # (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, serving engine_model, seeing data_dir) generates: service/inference/vllm.py
     engine_backend: str = Field("embedded", pattern="^(embedded|vllm)$")
     vllm_url: str | None = None  # e.g. http://127.0.0.1:8001 (required with engine_backend=vllm)
     vllm_model: str | None = None  # the base model's name in vLLM; None: the first model it lists
@@ -82,21 +84,22 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'cltune.db'}"
         return self
 
+    # the paths under data_dir: service.layout builds them
     @property
     def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
+        return layout.datasets_dir(self.data_dir)
 
     def adapters_dir(self, tenant_id: str) -> Path:
         """The root of one tenant's adapter Registry."""
-        return self.data_dir / "adapters" / tenant_id
+        return layout.adapters_dir(self.data_dir, tenant_id)
 
     @property
     def runs_dir(self) -> Path:
-        return self.data_dir / "runs"
+        return layout.runs_dir(self.data_dir)
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        return layout.models_dir(self.data_dir)
 
     @property
     def db_url(self) -> str:

@@ -147,7 +147,7 @@ def _missing_datasets(s: Session, tenant_id: str, spec: dict[str, Any]) -> list[
     rows found are locked (FOR UPDATE; SQLite: the write transaction) until the caller commits, so a
     concurrent delete (which locks the row before it looks for jobs using it) sees the job, or happens
     first and is seen here."""
-    from service.datasets import DATASET_FIELDS
+    from service.layout import DATASET_FIELDS
 
     tasks = (spec.get("config") or {}).get("tasks") if isinstance(spec.get("config"), dict) else None
     refs = [

@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import runner, store, webhooks
+from service import layout, runner, store, webhooks
 from service.artifacts import artifact_settings
 from service.db import init_db, make_engine
 from service.settings import Settings, get_settings
@@ -272,7 +272,7 @@ class Worker:
                 if isinstance(code, int) and code < 0
                 else f"exit code {code}"
             )
-            crash = runner.run_dir_of(Path(self.settings.data_dir), job.id) / runner.CRASH_LOG
+            crash = layout.crash_log(Path(self.settings.data_dir), job.id)
             stacks = crash.read_text(errors="replace").strip() if crash.exists() else ""
             store.fail(e, job.id, wid, f"the job process died ({why})", stacks or None, retry=True)
 
@@ -310,7 +310,7 @@ class _InProcess:
 
         def target() -> None:
             try:
-                runner.run_dir_of(data_dir, job["id"]).mkdir(parents=True, exist_ok=True)
+                layout.run_dir(data_dir, job["id"]).mkdir(parents=True, exist_ok=True)
                 runner.execute(job, data_dir, lambda kind, payload: send.send((kind, payload)), stop.is_set)
             finally:
                 send.close()

@@ -4,8 +4,6 @@ round trips, conditional writes, atomic publish, run snapshots, registry version
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +23,6 @@ from cltune.artifacts import (
 )
 from cltune.errors import ConflictError, InvalidNameError, NotFoundError
 from cltune.registry import Registry
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server in this process, on a free loopback port (a real HTTP endpoint for boto3)."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto accepts any keys; boto3 wants some
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TASK_A, TASK_B
+from conftest import TASK_A, TASK_B, pc_rows
 
 from cltune import demo_data
 from cltune.cli import main
@@ -23,7 +23,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 
 
 def tasks_override(write_jsonl) -> str:
-    a = write_jsonl([{"prompt": q, "completion": x} for q, x in TASK_A], "a.jsonl")
+    a = write_jsonl(pc_rows(TASK_A), "a.jsonl")
     b = write_jsonl([{"instruction": q, "output": x} for q, x in TASK_B], "b.jsonl")
     return f"tasks=[{{name: a, train: '{a}', max_eval: 2}}, {{name: b, train: '{b}', max_eval: 2}}]"
 

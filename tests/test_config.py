@@ -110,6 +110,34 @@ def test_unknown_method_params_are_rejected():
         parse_config({"tasks": [TASK], "method": {"name": "seq_lora", "params": {"foo": 1}}})
 
 
+def test_method_param_errors_arrive_one_per_param_with_their_valid_range():
+    """A method's params are reported as structured field errors (no message to parse back), on the run's
+    method and on a task's own method alike, each with the range its Params model declares."""
+    task = {**TASK, "method": {"name": "npo", "params": {"beta": 1000, "retain_weight": 1}}}
+    with pytest.raises(ConfigError) as e:
+        parse_config({"tasks": [task], "method": {"name": "ilora", "params": {"ema_decay": 2, "gamma": -1}}})
+    errors = {x["field"]: x for x in e.value.details["errors"]}
+    assert set(errors) == {
+        "method.params.ema_decay",
+        "method.params.gamma",
+        "tasks.0.method.params.beta",
+        "tasks.0.method.params.retain_weight",
+    }
+    assert errors["method.params.ema_decay"]["valid"] == "0.0 <= ema_decay < 1.0"
+    assert errors["method.params.ema_decay"]["input"] == 2
+    assert errors["tasks.0.method.params.beta"]["valid"] == "0.0 < beta <= 100.0"
+    assert errors["tasks.0.method.params.retain_weight"]["valid"] == "beta"  # npo's only param
+    assert "method.params.gamma" in e.value.message and "(valid: 0.0 <= ema_decay < 1.0)" in e.value.message
+
+
+def test_an_unknown_field_error_lists_the_fields_of_its_section():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"tasks": [TASK], "lora": {"rank": 8}})
+    (err,) = e.value.details["errors"]
+    assert err["field"] == "lora.rank"
+    assert err["valid"] == "r, alpha, dropout, target_modules, layers_to_transform"
+
+
 @pytest.mark.parametrize(
     "bad", ["../x", "/abs", "a/b", "a\\b", "..", "", "a\nb", "a\x00b", ".hidden", "x" * 65]
 )

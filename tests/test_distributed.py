@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from cltune.config import parse_config
-from cltune.distributed import launch, run_sequence_ddp
+from cltune.continual import run_continual, run_continual_rank
+from cltune.distributed import launch
 from cltune.errors import ConfigError
 from cltune.registry import Registry
-from cltune.sequence import run_sequence
 
 
 def _config(train: Path, batch_size: int = 4) -> dict[str, object]:
@@ -48,8 +48,8 @@ def _data(tmp_path: Path) -> Path:
 def test_two_gloo_processes_train_the_adapters_a_single_process_trains(tmp_path: Path) -> None:
     cfg = _config(_data(tmp_path))
     torch.set_num_threads(1)
-    single = run_sequence(parse_config(cfg), tmp_path / "single", registry=Registry(tmp_path / "reg1"))
-    launch(run_sequence_ddp, 2, cfg, str(tmp_path / "ddp"), str(tmp_path / "reg2"), {})
+    single = run_continual(parse_config(cfg), tmp_path / "single", registry=Registry(tmp_path / "reg1"))
+    launch(run_continual_rank, 2, cfg, str(tmp_path / "ddp"), str(tmp_path / "reg2"))
     a = load_file(tmp_path / "single" / "tasks" / "00-a" / "adapters.safetensors")
     b = load_file(tmp_path / "ddp" / "tasks" / "00-a" / "adapters.safetensors")
     b1 = load_file(tmp_path / "ddp" / "rank1" / "tasks" / "00-a" / "adapters.safetensors")
@@ -113,8 +113,8 @@ def test_fsdp_on_two_gloo_processes_trains_the_adapters_a_single_process_trains(
 ) -> None:
     cfg = _two_tasks(tmp_path, methods)
     torch.set_num_threads(1)
-    single = run_sequence(parse_config(cfg), tmp_path / "single")
-    launch(run_sequence_ddp, 2, cfg, str(tmp_path / "fsdp"), None, {})
+    single = run_continual(parse_config(cfg), tmp_path / "single")
+    launch(run_continual_rank, 2, cfg, str(tmp_path / "fsdp"))
     for task in ("00-a", "01-b"):
         a = load_file(tmp_path / "single" / "tasks" / task / "adapters.safetensors")
         b = load_file(tmp_path / "fsdp" / "tasks" / task / "adapters.safetensors")

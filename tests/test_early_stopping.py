@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import TASK_A, make_task
+from conftest import TASK_A, assert_same_tensors, pc_rows, seq_lora_start, stop_after
 
 from cltune.config import LoraConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig
+from cltune.continual import run_continual
 from cltune.errors import StopRequested
-from cltune.methods import build_method
-from cltune.models import load_model
-from cltune.sequence import read_task_data, run_sequence
+from cltune.task_data import read_task_data
 from cltune.train import (
     Callbacks,
     adapter_tensors,
@@ -28,11 +27,7 @@ AUTO = TrainConfig(steps="auto", batch_size=4, lr=5e-3, max_len=64, val_every=2,
 
 
 def fresh(cfg: TrainConfig = AUTO):
-    loaded = load_model(ModelConfig(name="tiny-llama", device="cpu"))
-    task = make_task(loaded, TASK_A, lora=LORA, train=cfg)
-    method = build_method("seq_lora")
-    torch.manual_seed(0)
-    return method.prepare(loaded.model, task, None), method, task
+    return seq_lora_start(LORA, cfg)
 
 
 class Scripted:
@@ -46,11 +41,6 @@ class Scripted:
         return self.values[len(self.seen) - 1] if len(self.seen) <= len(self.values) else self.values[-1]
 
 
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_auto_stops_when_validation_plateaus_and_keeps_the_best_adapters():
     model, method, task = fresh()
     val = Scripted([5.0, 4.0, 3.0, 3.5, 3.2, 1.0])  # best at the 3rd check (step 6); 2 worse ones follow
@@ -59,7 +49,7 @@ def test_auto_stops_when_validation_plateaus_and_keeps_the_best_adapters():
     assert result.steps == 10 and len(val.seen) == 5  # stopped after the 2nd check without improvement
     assert result.best_step == 6 and result.best_value == 3.0
     assert [v["step"] for v in result.validation] == [2, 4, 6, 8, 10]
-    assert_same(adapter_tensors(model), val.seen[2])  # the adapters of step 6, not of step 10
+    assert_same_tensors(adapter_tensors(model), val.seen[2])  # the adapters of step 6, not of step 10
     assert not model.training
 
 
@@ -76,7 +66,7 @@ def test_auto_ends_at_the_step_budget_with_the_best_adapters():
     val = Scripted([3.0, 2.0, 2.5])
     result = train_task(model, method, task, cfg, validate=val)
     assert result.stop_reason == "max_steps" and result.steps == 6 and result.best_step == 4
-    assert_same(adapter_tensors(model), val.seen[1])
+    assert_same_tensors(adapter_tensors(model), val.seen[1])
 
 
 def test_auto_ends_at_the_epoch_budget():
@@ -124,12 +114,6 @@ def test_a_resumed_auto_run_keeps_its_best_snapshot_and_patience(tmp_path):
     expected = adapter_tensors(model)
 
     model, method, task = fresh()
-    calls = {"n": 0}
-
-    def stop_after_7() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 7
-
     first = Scripted(values)
     with pytest.raises(StopRequested):
         train_task(
@@ -139,7 +123,7 @@ def test_a_resumed_auto_run_keeps_its_best_snapshot_and_patience(tmp_path):
             AUTO,
             validate=first,
             checkpoint_dir=tmp_path / "ck",
-            callbacks=Callbacks(should_stop=stop_after_7),
+            callbacks=Callbacks(should_stop=stop_after(7)),
         )
     assert len(first.seen) == 3  # steps 2, 4, 6 validated; the best (step 6) is in the checkpoint
     model, method, task = fresh()
@@ -147,7 +131,7 @@ def test_a_resumed_auto_run_keeps_its_best_snapshot_and_patience(tmp_path):
     result = train_task(model, method, task, AUTO, validate=rest, checkpoint_dir=tmp_path / "ck", resume=True)
     assert result.stop_reason == "plateau" and result.best_step == 6 == uninterrupted.best_step
     assert result.validation == uninterrupted.validation
-    assert_same(adapter_tensors(model), expected)
+    assert_same_tensors(adapter_tensors(model), expected)
 
 
 def test_validation_loss_falls_as_the_task_is_learned():
@@ -161,7 +145,7 @@ def test_validation_loss_falls_as_the_task_is_learned():
 
 
 def test_a_sequence_under_auto_holds_out_a_validation_split_and_reports_why_it_stopped(tmp_path, write_jsonl):
-    rows = [{"prompt": q, "completion": a} for q, a in TASK_A * 2]
+    rows = pc_rows(TASK_A * 2)
     path = write_jsonl(rows, "a.jsonl")
     train = AUTO.model_copy(update={"val_max": 6, "max_steps": 8})
     task = TaskConfig(name="a", train=str(path), eval_fraction=0.2)
@@ -172,7 +156,7 @@ def test_a_sequence_under_auto_holds_out_a_validation_split_and_reports_why_it_s
     assert read_task_data(task, 0, train_cfg=train.model_copy(update={"steps": 5})).val == []
 
     cfg = RunConfig(model=ModelConfig(name="tiny-llama", device="cpu"), lora=LORA, train=train, tasks=[task])
-    run_sequence(cfg, tmp_path / "run")
+    run_continual(cfg, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["n_eval"] == {"a": 8} and len(results["R_interval"]) == 2  # base + after a
     lo, hi = results["R_interval"][1][0]
@@ -185,7 +169,7 @@ def test_a_sequence_under_auto_holds_out_a_validation_split_and_reports_why_it_s
 
 
 def test_val_metric_score_stops_on_one_minus_the_tasks_score(tmp_path, write_jsonl):
-    path = write_jsonl([{"prompt": q, "completion": a} for q, a in TASK_A * 2], "a.jsonl")
+    path = write_jsonl(pc_rows(TASK_A * 2), "a.jsonl")
     train = AUTO.model_copy(update={"val_metric": "score", "max_steps": 4})
     task = TaskConfig(name="a", train=str(path), eval_fraction=0.2, max_new_tokens=3)
     cfg = RunConfig(
@@ -195,7 +179,7 @@ def test_val_metric_score_stops_on_one_minus_the_tasks_score(tmp_path, write_jso
         tasks=[task],
         eval={"general": [], "heatmap": False},
     )
-    run_sequence(cfg, tmp_path / "run")
+    run_continual(cfg, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "results.json").read_text())["train"][0]
     assert info["validation_metric"] == "score" and [v["step"] for v in info["validation"]] == [2, 4]
     assert all(0.0 <= v["value"] <= 1.0 for v in info["validation"])  # 1 - exact match on 3 examples

@@ -11,8 +11,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from cltune.errors import NotFoundError
-from cltune.export import ExportError, export_from_registry, export_vllm, vllm_adapter_config
+from cltune.errors import ExportError, NotFoundError
+from cltune.export import export_from_registry, export_vllm, vllm_adapter_config
 from cltune.models import LoadedModel, build_tiny_llama
 from cltune.registry import Registry
 from service.cli import main as cltune_main

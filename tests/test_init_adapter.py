@@ -74,10 +74,10 @@ def test_a_method_that_ignores_the_handed_adapter_is_caught(registry: Registry) 
     cfg = parse_config({**config(), "lora": LORA.model_dump()})
     init = open_init(cfg, registry, loaded)
     assert init is not None
-    model, previous = attach(loaded.model, cfg.lora, init)
+    model, _ = attach(loaded.model, cfg.lora, init)
     m = build_method("seq_lora")
-    m.serve_adapter = "fresh"  # as if it trained an adapter of its own beside the one it was handed
-    model = m.prepare(model, make_task(loaded, TASK_A[:4], lora=cfg.lora), previous)
+    m.serve_adapter = "fresh"  # as if it trained an adapter of its own beside the one it was handed ...
+    model = m.prepare(model, make_task(loaded, TASK_A[:4], lora=cfg.lora), None)  # ... ignoring it
     with pytest.raises(ConfigError, match="does not start its adapter 'fresh' from init_adapter start@1"):
         check_started(model, m, init)
 

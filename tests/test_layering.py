@@ -1,5 +1,7 @@
 """The import rules of docs/architecture.md, checked on the source (AST), transitively through project modules:
-the library `cltune` never imports `service` or FastAPI; the API never imports the worker or the runner."""
+the library `cltune` never imports `service` or FastAPI; the API never imports the worker or the runner; no
+two modules import each other, directly or round a loop (imports inside functions and under TYPE_CHECKING
+count: a late import hides a cycle, it does not remove it)."""
 
 from __future__ import annotations
 
@@ -91,7 +93,59 @@ def test_the_api_never_imports_the_worker_or_the_runner():
     assert violations(GRAPH, api, TRAINING_SIDE) == []
 
 
+def module_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (parent packages and imported names that are not modules
+    left out: `import a.b` runs a/__init__, which is not a dependency of a.b's author's choosing)."""
+    graph = project_graph()
+    own = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    for m, deps in own.items():
+        deps -= {".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)}
+    return own
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_two_modules_import_each_other() -> None:
+    graph = module_graph()
+    assert len(graph) >= 40  # the scan really found both packages
+    problems = [f"{c}: " + "; ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) for c in cycles(graph)]
+    assert problems == []
+
+
 # ---------------------------------------------------------------- the checker itself
+
+
+def test_the_checker_finds_import_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_checker_resolves_relative_and_nested_imports():

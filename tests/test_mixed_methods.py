@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TASK_A, TASK_B
+from conftest import TASK_A, TASK_B, pc_rows
 
 from cltune.config import MethodConfig, RunConfig, parse_config
+from cltune.continual import run_continual
 from cltune.data import tokenize
 from cltune.errors import StopRequested
 from cltune.evaluate import cl_metrics
@@ -22,14 +23,9 @@ from cltune.methods.ilora import FAST, SLOW, ILora
 from cltune.methods.npo import Npo, dataset_nll
 from cltune.models import load_model
 from cltune.router import RouterParams, route_group
-from cltune.sequence import run_sequence
 from cltune.train import Callbacks
 
 FORGET, RETAIN = TASK_A[:6], TASK_A[6:]
-
-
-def _rows(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"prompt": q, "completion": a} for q, a in pairs]
 
 
 def _ids_sha(ids: list[int]) -> str:
@@ -40,7 +36,7 @@ def _ids_sha(ids: list[int]) -> str:
 def unlearn_cfg(write_jsonl) -> RunConfig:
     """learn A (ilora) -> forget 6 of A's examples (npo_rt) -> learn B (ilora)."""
     learn, forget, retain, later = (
-        write_jsonl(_rows(p), f)
+        write_jsonl(pc_rows(p), f)
         for p, f in ((TASK_A, "a.jsonl"), (FORGET, "f.jsonl"), (RETAIN, "r.jsonl"), (TASK_B, "b.jsonl"))
     )
     ilora = {"name": "ilora", "params": {"ema_decay": 0.9}}
@@ -112,9 +108,9 @@ def test_ilora_after_unlearning_continues_from_the_unlearned_adapter_without_the
     if restart:  # stop as task 3 starts; a new process resumes from the finished tasks on disk
         stop = Callbacks(should_stop=lambda: len(seen["prepared"]) == 2)
         with pytest.raises(StopRequested):
-            run_sequence(unlearn_cfg, tmp_path / "run", loaded=loaded, callbacks=stop)
+            run_continual(unlearn_cfg, tmp_path / "run", loaded=loaded, callbacks=stop)
         loaded = load_model(unlearn_cfg.model)
-    res = run_sequence(unlearn_cfg, tmp_path / "run", loaded=loaded)
+    res = run_continual(unlearn_cfg, tmp_path / "run", loaded=loaded)
     assert set(res.metrics["unlearning"]) == {"forget"} and res.metrics["learning_tasks"] == 2
     assert seen["unlearned_adapter"] == SLOW  # npo_rt unlearned what I-LoRA served
     forget_ids = {_ids_sha(x["input_ids"]) for x in forget}
@@ -138,7 +134,7 @@ def _buffer(state: MethodState) -> list[dict[str, Any]]:
 
 
 def _task_examples(cfg: RunConfig, t: int) -> list[Any]:
-    from cltune.sequence import read_task_data
+    from cltune.task_data import read_task_data
 
     return read_task_data(cfg.tasks[t], cfg.train.seed, unlearning=True).train
 
@@ -159,7 +155,7 @@ def _cfg(tasks: list[dict[str, Any]], steps: int = 3, **lora: Any) -> RunConfig:
 def files(write_jsonl) -> dict[str, str]:
     a2 = [(f"add one to {i}", str(i + 1)) for i in range(40, 52)]  # task A's template, new numbers
     pairs = {"a": TASK_A, "b": TASK_B, "a2": a2, "forget": FORGET, "retain": RETAIN}
-    return {k: str(write_jsonl(_rows(p), f"{k}.jsonl")) for k, p in pairs.items()}
+    return {k: str(write_jsonl(pc_rows(p), f"{k}.jsonl")) for k, p in pairs.items()}
 
 
 def _forget_task(files: dict[str, str]) -> dict[str, Any]:
@@ -197,7 +193,7 @@ def test_dema_keeps_its_groups_across_unlearning_and_retrains_the_unlearned_grou
 
     monkeypatch.setattr(Dema, "prepare", spy_prepare)
     monkeypatch.setattr(Npo, "after_task", spy_npo_after)
-    res = run_sequence(cfg, tmp_path / "run", loaded=load_model(cfg.model))
+    res = run_continual(cfg, tmp_path / "run", loaded=load_model(cfg.model))
     assert "routed" in res.scored_with["forget"]["how"]  # the unlearned group is served through routing
     decision, groups, g0 = seen["add2"]
     # before the fix the groups were dropped by the unlearning task: "expand" into a fresh group list
@@ -225,7 +221,7 @@ def test_dema_rows_of_r_score_each_prompt_with_its_routed_group(files, tmp_path,
         return generate(*args, adapter=adapter, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate", spy_generate)
-    res = run_sequence(cfg, tmp_path / "run", loaded=load_model(cfg.model))
+    res = run_continual(cfg, tmp_path / "run", loaded=load_model(cfg.model))
     assert set(used[-2:]) == {"g0", "g1"}  # the last row: task a's prompts on g0, b's on g1
     saved = json.loads((tmp_path / "run" / "results.json").read_text())["scored_with"]
     assert saved["b"]["columns"] == {"a": {"g0": 3}, "b": {"g1": 3}} and "routed" in saved["b"]["how"]
@@ -250,7 +246,7 @@ def test_control_llm_records_the_trained_vs_served_gap_and_scores_the_served_ada
 
     cfg = _cfg([{"name": "a", "train": files["a"], "max_eval": 3, "method": CONTROL}])
     reg = Registry(tmp_path / "reg")
-    res = run_sequence(cfg, tmp_path / "run", registry=reg, loaded=load_model(cfg.model))
+    res = run_continual(cfg, tmp_path / "run", registry=reg, loaded=load_model(cfg.model))
     gap = res.train[0]["served_gap"]
     assert set(gap) >= {"trained_ce", "served_ce", "ce_gap", "trained_score", "served_score", "score_gap"}
     assert gap["ce_gap"] == pytest.approx(gap["served_ce"] - gap["trained_ce"]) and gap["trained_ce"] > 0
@@ -296,8 +292,8 @@ def test_control_llm_after_unlearning_continues_from_the_unlearned_served_weight
     if restart:  # stop at task 3; the new process restores tasks 1-2 from disk
         stop = Callbacks(should_stop=lambda: "b" in seen)
         with pytest.raises(StopRequested):
-            run_sequence(cfg, tmp_path / "run", loaded=load_model(cfg.model), callbacks=stop)
-    run_sequence(cfg, tmp_path / "run", loaded=load_model(cfg.model))
+            run_continual(cfg, tmp_path / "run", loaded=load_model(cfg.model), callbacks=stop)
+    run_continual(cfg, tmp_path / "run", loaded=load_model(cfg.model))
     assert not any(seen["wrapped_while_unlearning"])  # npo_rt unlearns the served (unwrapped) form
     w = 0.5  # sigmoid(init_logit 0)
     for k, v in seen["unlearned"].items():  # task b starts from the unlearned weights, unscaled
@@ -330,7 +326,7 @@ def test_an_unlearned_adapter_takes_its_parents_routing_group_without_the_forgot
 
     cfg = _cfg([{"name": "learn", "train": files["a"], "max_eval": 2}, _forget_task(files)], steps=1)
     reg = Registry(tmp_path / "reg")
-    run_sequence(cfg, tmp_path / "run", registry=reg, loaded=load_model(cfg.model))
+    run_continual(cfg, tmp_path / "run", registry=reg, loaded=load_model(cfg.model))
     learn, forget = reg.get("learn"), reg.get("forget")
     assert forget.group == learn.group  # before the fix: its own group, with the forget set as codebook
     assert set(forget.codebook) == set(learn.codebook) - {q for q, _ in FORGET}

@@ -10,13 +10,14 @@ import torch
 from conftest import TASK_A, make_task
 from peft import PeftModel
 
+from cltune.adapter_files import PEFT_FILES
 from cltune.config import LoraConfig, ModelConfig, TrainConfig
 from cltune.errors import InvalidNameError, NotFoundError
 from cltune.methods import build_method
 from cltune.methods.base import MethodState
 from cltune.methods.common import attach_adapter, peft_lora_config
 from cltune.models import build_tiny_llama, load_model
-from cltune.registry import PEFT_FILES, Registry, parse_ref
+from cltune.registry import Registry, parse_ref
 from cltune.train import train_task
 
 BAD_NAMES = ["../x", "/abs", "a/b", "a\\b", "a\nb", "tab\there", "nul\x00", "..", "", ".", "x/../y"]

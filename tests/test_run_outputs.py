@@ -4,20 +4,18 @@ as a registry version with its lineage. TensorBoard event files (cltune.tracking
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import TASK_A, TASK_B
+from conftest import TASK_A, TASK_B, pc_rows, write_rows
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from cltune import checkpoints
 from cltune.config import LoraConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig
+from cltune.continual import run_continual
 from cltune.errors import NotFoundError
 from cltune.models import build_tiny_llama
 from cltune.registry import Registry
-from cltune.sequence import run_sequence
 
 LORA = LoraConfig(r=4, alpha=8)
 AUTO = TrainConfig(steps="auto", batch_size=4, lr=5e-3, max_len=64, val_every=2, patience=2, max_steps=10)
@@ -31,8 +29,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kept")
     tasks = []
     for name, pairs in (("a", TASK_A), ("b", TASK_B)):
-        path = tmp / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": q, "completion": c}) + "\n" for q, c in pairs * 2))
+        path = write_rows(tmp / f"{name}.jsonl", pc_rows(pairs * 2))
         tasks.append(TaskConfig(name=name, train=str(path), eval_fraction=0.2))
     cfg = RunConfig(
         model=ModelConfig(name="tiny-llama", device="cpu"),
@@ -42,7 +39,7 @@ def run(tmp_path_factory):
         eval={"general": [], "heatmap": False},
     )
     registry = Registry(tmp / "adapters")
-    result = run_sequence(cfg, tmp / "run", registry=registry, created_by="job_x")
+    result = run_continual(cfg, tmp / "run", registry=registry, created_by="job_x")
     return tmp / "run", registry, result
 
 

@@ -7,35 +7,28 @@ import json
 
 import pytest
 import torch
-from conftest import TASK_A, TASK_B
+from conftest import TASK_A, TASK_B, pc_rows, write_rows
 from safetensors.torch import load_file
 
 from cltune.config import RunConfig, parse_config
+from cltune.continual import run_continual
 from cltune.errors import ConfigError, DataError, StopRequested
 from cltune.models import load_model
 from cltune.registry import Registry
-from cltune.sequence import run_sequence
 from cltune.train import Callbacks
 
 STEPS = 3
 
 
-def write(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> RunConfig:
     d = tmp_path_factory.mktemp("data")
-    a = write(d / "a.jsonl", [{"prompt": q, "completion": ans} for q, ans in TASK_A])
-    b = write(
-        d / "b.jsonl",
-        [
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
-            for q, ans in TASK_B
-        ],
-    )
+    a = str(write_rows(d / "a.jsonl", pc_rows(TASK_A)))
+    chat = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
+        for q, ans in TASK_B
+    ]
+    b = str(write_rows(d / "b.jsonl", chat))
     return parse_config(
         {
             "name": "seqtest",
@@ -49,8 +42,8 @@ def cfg(tmp_path_factory) -> RunConfig:
 
 
 def run(cfg: RunConfig, run_dir, registry=None, callbacks=None):
-    # run_sequence wraps the base model with peft in place: every run gets a fresh one
-    return run_sequence(cfg, run_dir, registry=registry, callbacks=callbacks, loaded=load_model(cfg.model))
+    # run_continual wraps the base model with peft in place: every run gets a fresh one
+    return run_continual(cfg, run_dir, registry=registry, callbacks=callbacks, loaded=load_model(cfg.model))
 
 
 def final_adapter(run_dir) -> dict[str, torch.Tensor]:
@@ -121,13 +114,13 @@ def test_a_finished_run_called_again_does_not_retrain(uninterrupted, cfg, tmp_pa
 def test_a_run_directory_holding_another_config_is_refused(uninterrupted, cfg):
     other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-3})})
     with pytest.raises(ConfigError, match="different run"):
-        run_sequence(other, uninterrupted[0].run_dir)
+        run_continual(other, uninterrupted[0].run_dir)
 
 
 def test_bad_data_fails_before_the_model_is_loaded(cfg, write_jsonl, tmp_path, monkeypatch):
     bad = write_jsonl([{"prompt": "x", "completion": "y"}, "{oops"], "bad.jsonl")
     tasks = [cfg.tasks[0], cfg.tasks[1].model_copy(update={"train": str(bad)})]
-    monkeypatch.setattr("cltune.sequence.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("cltune.continual.load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DataError) as ei:
-        run_sequence(cfg.model_copy(update={"tasks": tasks}), tmp_path / "bad")
+        run_continual(cfg.model_copy(update={"tasks": tasks}), tmp_path / "bad")
     assert ei.value.details["line"] == 2

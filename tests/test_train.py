@@ -7,12 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import TASK_A, make_task
+from conftest import assert_same_tensors, seq_lora_start, stop_after
 
-from cltune.config import LoraConfig, ModelConfig, TrainConfig
+from cltune.config import LoraConfig, TrainConfig
 from cltune.errors import StopRequested
-from cltune.methods import build_method
-from cltune.models import load_model
 from cltune.train import Callbacks, adapter_tensors, make_scheduler, read_checkpoint, total_steps, train_task
 
 # dropout > 0 and grad_accum 2: the RNG state and the batch cursor must both survive a restart
@@ -22,29 +20,7 @@ CFG = TrainConfig(steps=6, batch_size=4, grad_accum=2, lr=5e-3, max_len=64, warm
 
 def fresh(seed_for_lora: int = 0, cfg: TrainConfig = CFG):
     """A fresh tiny base + seq_lora adapter; the global seed fixes the LoRA init and dropout."""
-    loaded = load_model(ModelConfig(name="tiny-llama", device="cpu"))
-    model = loaded.model
-    task = make_task(loaded, TASK_A, lora=LORA, train=cfg)
-    method = build_method("seq_lora")
-    torch.manual_seed(seed_for_lora)
-    model = method.prepare(model, task, None)
-    return model, method, task
-
-
-def stop_at(k: int):
-    calls = {"n": 0}
-
-    def should_stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] > k  # checked before each step: True before step index k
-
-    return should_stop
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    return seq_lora_start(LORA, cfg, seed_for_lora)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +40,7 @@ def test_resumed_run_gives_the_same_adapter_as_an_uninterrupted_one(uninterrupte
             task,
             CFG,
             checkpoint_dir=tmp_path / "ck",
-            callbacks=Callbacks(should_stop=stop_at(3)),
+            callbacks=Callbacks(should_stop=stop_after(3)),
         )
     assert ei.value.details["step"] == 3
     assert read_checkpoint(tmp_path / "ck")["step"] == 3

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
+
+from pydantic import BaseModel
 
 from cltune.errors import UnknownNameError
 from cltune.methods.base import LossOutput, Method, MethodState, TaskContext
@@ -13,7 +15,16 @@ from cltune.methods.kappatune import KappaTune
 from cltune.methods.npo import GradAscent, Npo, NpoKL, NpoRetain
 from cltune.methods.seq_lora import SeqLora
 
-METHODS: dict[str, Any] = {
+
+class MethodClass(Protocol):
+    """A method class as METHODS holds it: its params model, and a constructor that takes them."""
+
+    Params: type[BaseModel]
+
+    def __call__(self, params: Any) -> Method: ...
+
+
+METHODS: dict[str, MethodClass] = {
     "seq_lora": SeqLora,
     "control_llm": ControlLlm,
     "kappatune": KappaTune,

@@ -24,8 +24,8 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cltune.config import LoraConfig, TrainConfig
 from cltune.data import Example
+from cltune.sections import LoraConfig, TrainConfig
 
 STATE_TENSORS = "method_state.safetensors"
 STATE_META = "method_state.json"

@@ -14,10 +14,11 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from cltune.config import LoraConfig
 from cltune.data import collate
-from cltune.methods.base import LossOutput
+from cltune.errors import ConfigError
+from cltune.methods.base import LossOutput, TaskContext
 from cltune.models import unwrap
+from cltune.sections import LoraConfig
 
 
 def peft_lora_config(cfg: LoraConfig, **overrides: Any) -> peft.LoraConfig:
@@ -86,6 +87,42 @@ def ema_(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
 def copy_adapter(model: nn.Module, src: str, dst: str) -> None:
     for s, d in paired_lora_tensors(model, src, dst):
         d.copy_(s)
+
+
+def adopt_adapter(model: nn.Module, source: str, dst: str) -> bool:
+    """Copy adapter `source`'s weights into `dst` when both exist with the same LoRA layout (the same
+    layers, ranks and shapes); return whether `dst` now holds `source`'s weights."""
+    if source == dst:
+        return True
+    pairs = paired_lora_tensors(model, source, dst)
+    n_src, n_dst = len(adapter_parameters(model, source)), len(adapter_parameters(model, dst))
+    if not pairs or not len(pairs) == n_src == n_dst or any(s.shape != d.shape for s, d in pairs):
+        return False
+    copy_adapter(model, source, dst)
+    return True
+
+
+def continue_served(
+    model: nn.Module, source: str, adapters: tuple[str, ...], task: TaskContext, method: str
+) -> bool:
+    """Start each of `adapters` from `source`, the adapter another method's task served just before; True
+    when done. When `source`'s layout differs (another rank, target or layer set): refuse if examples were
+    unlearned in the run (the method's own older weights never forgot them), else warn and return False
+    (the method continues from its own)."""
+    if all(adopt_adapter(model, source, a) for a in adapters):
+        return True
+    if task.forgotten:
+        raise ConfigError(
+            f"{method}: task {task.name!r} cannot continue from adapter {source!r} (another rank, target "
+            "set or layer set), and its own older adapters would bring back what was unlearned; use the "
+            "same lora config for every task",
+            errors=[{"task": task.name, "adapter": source}],
+        )
+    task.emit(
+        f"{method}: adapter {source!r} of the previous task has another layout; continuing from its own",
+        level="warning",
+    )
+    return False
 
 
 def adapter_state(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:

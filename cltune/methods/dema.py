@@ -29,7 +29,6 @@ from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cltune.config import LoraConfig
 from cltune.grouping import Decision, decide, subsample
 from cltune.methods.base import FORGOTTEN_EXAMPLES, LossOutput, MethodState, TaskContext, own_state
 from cltune.methods.common import (
@@ -42,6 +41,7 @@ from cltune.methods.common import (
     paired_lora_tensors,
     peft_lora_config,
 )
+from cltune.sections import LoraConfig
 
 
 class DemaParams(BaseModel):

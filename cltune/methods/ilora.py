@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from cltune.data import ReplayBuffer, collate
-from cltune.errors import ConfigError
 from cltune.methods.base import (
     LossOutput,
     MethodState,
@@ -41,6 +40,7 @@ from cltune.methods.common import (
     answer_logits,
     attach_adapter,
     ce_loss,
+    continue_served,
     copy_adapter,
     ema_,
     load_adapter_state,
@@ -181,26 +181,7 @@ class ILora:
         if source in (FAST, SLOW):
             copy_adapter(model, source, SLOW if source == FAST else FAST)
             return True
-        pairs = [paired_lora_tensors(model, source, dst) for dst in (FAST, SLOW)]
-        n_own = len(adapter_parameters(model, FAST))
-        if source in model.peft_config and all(
-            len(p) == n_own and all(s.shape == d.shape for s, d in p) for p in pairs
-        ):
-            copy_adapter(model, source, FAST)
-            copy_adapter(model, source, SLOW)
-            return True
-        if task.forgotten:
-            raise ConfigError(
-                f"ilora: task {task.name!r} cannot continue from adapter {source!r} (another rank or "
-                "target set), and its own older adapters would bring back what was unlearned; use the "
-                "same lora config for every task",
-                errors=[{"task": task.name, "adapter": source}],
-            )
-        task.emit(
-            f"ilora: adapter {source!r} of the previous task has another shape; continuing from I-LoRA's own",
-            level="warning",
-        )
-        return False
+        return continue_served(model, source, (FAST, SLOW), task, self.name)
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return adapter_parameters(model, FAST)  # never the slow adapter: it moves only by EMA

@@ -29,7 +29,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cltune.config import LoraConfig
 from cltune.errors import ConfigError
 from cltune.methods.base import LossOutput, MethodState, TaskContext
 from cltune.methods.common import (
@@ -40,6 +39,7 @@ from cltune.methods.common import (
     peft_lora_config,
 )
 from cltune.models import default_cache_dir, unwrap
+from cltune.sections import LoraConfig
 
 ADAPTER = "kappa"
 EPS = 1e-8  # added to sigma_min, as in peft's helper

@@ -1,4 +1,8 @@
-"""seq_lora: the baseline. One LoRA adapter, trained on task 1, then on task 2, and so on."""
+"""seq_lora: the baseline. One LoRA adapter, trained on task 1, then on task 2, and so on.
+
+After another method's task it continues from what that task served (I-LoRA's slow adapter, DEMA's
+group, an unlearned adapter) when the LoRA layout matches; otherwise from its own adapter, with a warning,
+and it refuses when examples were unlearned in the run (its own older weights never forgot them)."""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from cltune.methods.base import LossOutput, MethodState, TaskContext
+from cltune.methods.base import LossOutput, MethodState, TaskContext, continues_other
 from cltune.methods.common import (
     adapter_parameters,
     attach_adapter,
     ce_loss,
+    continue_served,
     only_train,
     peft_lora_config,
 )
@@ -32,6 +37,9 @@ class SeqLora:
 
     def prepare(self, model: nn.Module, task: TaskContext, state: MethodState | None) -> nn.Module:
         model = attach_adapter(model, self.serve_adapter, peft_lora_config(task.lora))
+        source = continues_other(self.name, state)
+        if source is not None:
+            continue_served(model, source, (self.serve_adapter,), task, self.name)
         model.set_adapter(self.serve_adapter)
         only_train(model, self.trainable_parameters(model))
         return model

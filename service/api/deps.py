@@ -1,17 +1,21 @@
-"""Request dependencies as Annotated aliases: settings, engine, the caller's tenant, admin, registry."""
+"""Request dependencies as Annotated aliases: settings, db, inference, the caller's tenant, admin,
+registry."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
+from cltune.artifact_sync import pull_registry
 from cltune.registry import Registry
 from service import artifacts, auth
 from service.api.errors import ApiError
+from service.inference.serving import Inference
+from service.layout import adapters_prefix
 from service.settings import Settings
 
 _bearer = HTTPBearer(
@@ -23,15 +27,21 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 # async: FastAPI runs sync dependencies in the thread pool, a hop per dependency per request
 async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return cast(Settings, request.app.state.settings)  # set by create_app
 
 
-async def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
+async def get_db(request: Request) -> Engine:
+    return cast(Engine, request.app.state.db)
+
+
+async def get_inference(request: Request) -> Inference:
+    """The app's inference backend (made by create_app, started and closed by its lifespan)."""
+    return cast(Inference, request.app.state.inference)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+DbDep = Annotated[Engine, Depends(get_db)]
+InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 
 def _key(creds: HTTPAuthorizationCredentials | None) -> str:
@@ -46,15 +56,13 @@ def _key(creds: HTTPAuthorizationCredentials | None) -> str:
     return creds.credentials
 
 
-async def current_tenant(
-    request: Request, settings: SettingsDep, engine: EngineDep, creds: Credentials
-) -> str:
+async def current_tenant(request: Request, settings: SettingsDep, db: DbDep, creds: Credentials) -> str:
     """The tenant id of the bearer key; the fixed local tenant when auth is disabled.
     A recently verified key is answered from the cache without leaving the event loop."""
     if settings.auth_disabled:
         return auth.LOCAL_TENANT_ID
-    key, cache = _key(creds), request.app.state.key_cache
-    tenant = cache.get(auth.hash_key(key)) or await run_in_threadpool(auth.authenticate, engine, key, cache)
+    key, cache = _key(creds), cast(auth.KeyCache, request.app.state.key_cache)
+    tenant = cache.get(auth.hash_key(key)) or await run_in_threadpool(auth.authenticate, db, key, cache)
     if tenant is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", CHALLENGE)
     return tenant
@@ -81,7 +89,7 @@ async def tenant_registry(settings: SettingsDep, tenant: TenantDep) -> Registry:
     root = settings.adapters_dir(tenant)
     store = artifacts.store_from_settings(settings)
     if store is not None:
-        await run_in_threadpool(artifacts.pull_registry, store, artifacts.adapters_prefix(tenant), root)
+        await run_in_threadpool(pull_registry, store, adapters_prefix(tenant), root)
     return Registry(root)
 
 

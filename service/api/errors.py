@@ -9,14 +9,11 @@ import re
 import secrets
 from typing import Any
 
-from annotated_types import Ge, Gt, Le, Lt
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cltune.config import EvalConfig, LoraConfig, ModelConfig, TaskConfig, TrainConfig
 from cltune.errors import (
     CLTuneError,
     ConfigError,
@@ -26,6 +23,7 @@ from cltune.errors import (
     InvalidNameError,
     MissingDependencyError,
     NotFoundError,
+    StoreError,
     UnknownNameError,
 )
 
@@ -41,6 +39,7 @@ STATUS: dict[type[CLTuneError], int] = {
     NotFoundError: 404,
     ConflictError: 409,
     MissingDependencyError: 501,
+    StoreError: 503,  # the shared artifact store is down: the request may succeed later
     CLTuneError: 400,
 }
 HTTP_TYPES = {
@@ -180,100 +179,9 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, _exc: Exception) -> JSONResponse:
         ref = secrets.token_hex(4)
         log.exception("unhandled error %s on %s %s", ref, request.method, request.url.path)
         return error_response(
             500, "internal_error", f"internal server error (reference {ref}); see the server log"
         )
-
-
-# ---------------------------------------------------------------- valid ranges for config errors
-
-SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelConfig,
-    "lora": LoraConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-}
-
-
-def _range(model: type[BaseModel], name: str) -> str | None:
-    info = model.model_fields.get(name)
-    if info is None:
-        return None
-    lo = hi = None
-    for m in info.metadata:
-        if isinstance(m, Ge):
-            lo = f"{m.ge} <= "
-        elif isinstance(m, Gt):
-            lo = f"{m.gt} < "
-        elif isinstance(m, Le):
-            hi = f" <= {m.le}"
-        elif isinstance(m, Lt):
-            hi = f" < {m.lt}"
-    return f"{lo or ''}{name}{hi or ''}" if lo or hi else None
-
-
-def _owner(parts: list[str], data: dict[str, Any]) -> tuple[type[BaseModel], str] | None:
-    """The pydantic model that declares the field at `parts` (a ConfigError field path), and its name."""
-    from cltune.methods import METHODS
-
-    def params_of(method: Any) -> type[BaseModel] | None:
-        name = method.get("name", "seq_lora") if isinstance(method, dict) else "seq_lora"
-        return getattr(METHODS.get(name), "Params", None)
-
-    if len(parts) == 2 and parts[0] in SECTIONS:
-        return SECTIONS[parts[0]], parts[1]
-    if len(parts) == 2 and parts[0] == "method":  # method params are reported as method.<param>
-        p = params_of(data.get("method"))
-        return (p, parts[1]) if p else None
-    if len(parts) >= 3 and parts[0] == "tasks" and parts[1].isdigit():
-        if len(parts) == 3:
-            return TaskConfig, parts[2]
-        tasks = data.get("tasks") or []
-        idx = int(parts[1])
-        task = (
-            tasks[idx]
-            if isinstance(tasks, list) and idx < len(tasks) and isinstance(tasks[idx], dict)
-            else {}
-        )
-        p = params_of(task.get("method"))
-        return (p, parts[-1]) if p and parts[2] == "method" else None
-    return None
-
-
-_PARAM_ERROR = re.compile(r"params\.([A-Za-z_]\w*): ([^;]*)")  # how MethodConfig reports its params' errors
-
-
-def _is_range(message: str) -> bool:
-    return "greater" in message or "less" in message
-
-
-def with_valid_ranges(exc: ConfigError, data: dict[str, Any]) -> ConfigError:
-    """Add each out-of-range field's full valid range ("1 <= r <= 1024") to its error and the message.
-
-    Method params arrive as one error on `method` (or `tasks.N.method`) whose message holds
-    "params.<name>: <problem>" parts; each part gets the range of that param."""
-    errors = []
-    for err in exc.details.get("errors") or []:
-        parts = str(err.get("field", "")).split(".")
-        found: list[str] = []
-
-        def annotate(m: re.Match[str], parts: list[str] = parts, found: list[str] = found) -> str:
-            owner = _owner([*parts, m.group(1)], data)
-            rng = _range(*owner) if owner and _is_range(m.group(2)) else None
-            if rng:
-                found.append(rng)
-            return f"{m.group(0)} (valid: {rng})" if rng else m.group(0)
-
-        if parts[-1] == "method":
-            message = _PARAM_ERROR.sub(annotate, err["message"])
-        else:
-            owner = _owner(parts, data)
-            rng = _range(*owner) if owner and _is_range(err["message"]) else None
-            found += [rng] if rng else []
-            message = f"{err['message']} (valid: {rng})" if rng else err["message"]
-        errors.append({**err, "message": message, **({"valid": "; ".join(found)} if found else {})})
-    msg = "invalid run config: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return ConfigError(msg if errors else exc.message, errors=errors)

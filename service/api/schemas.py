@@ -9,16 +9,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cltune.config import NAME_RE
-from cltune.registry import AdapterRecord
-from service.auth import ApiKey, Tenant
-from service.datasets import Dataset
 from service.db import JobStatus
-from service.store import Event, Job
-from service.webhooks import MAX_URL_CHARS, Delivery, DeliveryStatus, WebhookSecret, check_url
+from service.webhooks import MAX_URL_CHARS, DeliveryStatus, check_url
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    """A response body read from a domain object's attributes: `XPublic.model_validate(obj)`."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 class ErrorBody(BaseModel):
@@ -45,7 +47,7 @@ class Page(BaseModel):
 # ---------------------------------------------------------------- datasets
 
 
-class DatasetPublic(BaseModel):
+class DatasetPublic(_Out):
     id: str  # jobs name datasets by id; the file is stored as <id>.jsonl
     name: str = Field(description="display name: the uploaded file's name as sent (or ?name=)")
     format: str
@@ -53,18 +55,6 @@ class DatasetPublic(BaseModel):
     sha256: str
     size_bytes: int
     created_at: datetime
-
-    @classmethod
-    def of(cls, d: Dataset) -> DatasetPublic:
-        return cls(
-            id=d.id,
-            name=d.name,
-            format=d.format,
-            examples=d.examples,
-            sha256=d.sha256,
-            size_bytes=d.size_bytes,
-            created_at=d.created_at,
-        )
 
 
 class DatasetList(Page):
@@ -114,7 +104,7 @@ class JobCreate(_In):
         return None if url is None else check_url(url)
 
 
-class JobPublic(BaseModel):
+class JobPublic(_Out):
     id: str
     status: JobStatus
     priority: int
@@ -132,33 +122,12 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     updated_at: datetime
 
-    @classmethod
-    def of(cls, j: Job) -> JobPublic:
-        return cls(
-            id=j.id,
-            status=j.status,
-            priority=j.priority,
-            attempts=j.attempts,
-            max_attempts=j.max_attempts,
-            cancel_requested=j.cancel_requested,
-            spec=j.spec,
-            progress=j.progress,
-            result=j.result,
-            error=j.error,
-            traceback=j.traceback,
-            webhook_url=j.webhook_url,
-            created_at=j.created_at,
-            started_at=j.started_at,
-            finished_at=j.finished_at,
-            updated_at=j.updated_at,
-        )
-
 
 class JobList(Page):
     items: list[JobPublic]
 
 
-class EventPublic(BaseModel):
+class EventPublic(_Out):
     id: int  # increasing per job: pass the last one as `after_id` (or SSE Last-Event-ID) to resume
     job_id: str
     ts: datetime
@@ -166,12 +135,6 @@ class EventPublic(BaseModel):
     type: str
     message: str
     data: dict[str, Any]
-
-    @classmethod
-    def of(cls, e: Event) -> EventPublic:
-        return cls(
-            id=e.id, job_id=e.job_id, ts=e.ts, level=e.level, type=e.type, message=e.message, data=e.data
-        )
 
 
 class EventList(BaseModel):
@@ -182,22 +145,18 @@ class EventList(BaseModel):
 # ---------------------------------------------------------------- webhooks
 
 
-class WebhookSecretPublic(BaseModel):
+class WebhookSecretPublic(_Out):
     created_at: datetime
     previous_valid_until: datetime | None = Field(
         description="the secret it replaced also signs deliveries until then (a second v1= in the header)"
     )
-
-    @classmethod
-    def of(cls, w: WebhookSecret) -> WebhookSecretPublic:
-        return cls(created_at=w.created_at, previous_valid_until=w.previous_valid_until)
 
 
 class WebhookSecretCreated(WebhookSecretPublic):
     secret: str = Field(description="the signing secret; shown only in this response")
 
 
-class WebhookDeliveryPublic(BaseModel):
+class WebhookDeliveryPublic(_Out):
     id: str  # also X-Cltune-Delivery and the payload's id: receivers dedupe by it
     job_id: str
     type: str  # job.succeeded | job.failed | job.cancelled
@@ -212,24 +171,6 @@ class WebhookDeliveryPublic(BaseModel):
     created_at: datetime
     delivered_at: datetime | None
 
-    @classmethod
-    def of(cls, d: Delivery) -> WebhookDeliveryPublic:
-        return cls(
-            id=d.id,
-            job_id=d.job_id,
-            type=d.type,
-            url=d.url,
-            status=d.status,
-            attempts=d.attempts,
-            next_attempt_at=d.next_attempt_at,
-            last_status_code=d.last_status_code,
-            last_error=d.last_error,
-            signed=d.signed,
-            payload=d.payload,
-            created_at=d.created_at,
-            delivered_at=d.delivered_at,
-        )
-
 
 class WebhookDeliveryList(Page):
     items: list[WebhookDeliveryPublic]
@@ -238,7 +179,7 @@ class WebhookDeliveryList(Page):
 # ---------------------------------------------------------------- adapters
 
 
-class AdapterPublic(BaseModel):
+class AdapterPublic(_Out):
     name: str
     version: int
     ref: str  # name@version
@@ -256,11 +197,6 @@ class AdapterPublic(BaseModel):
     notes: dict[str, Any]
     created_by: str | None
     created_at: str
-
-    @classmethod
-    def of(cls, r: AdapterRecord) -> AdapterPublic:
-        data = r.model_dump(mode="json", exclude={"codebook"})
-        return cls(**data, ref=r.ref, codebook_size=len(r.codebook))
 
 
 class AdapterList(BaseModel):
@@ -303,28 +239,18 @@ class TenantCreate(_In):
     )
 
 
-class TenantPublic(BaseModel):
+class TenantPublic(_Out):
     id: str
     name: str
     created_at: datetime
 
-    @classmethod
-    def of(cls, t: Tenant) -> TenantPublic:
-        return cls(id=t.id, name=t.name, created_at=t.created_at)
 
-
-class ApiKeyPublic(BaseModel):
+class ApiKeyPublic(_Out):
     id: str
     tenant_id: str
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
-
-    @classmethod
-    def of(cls, k: ApiKey) -> ApiKeyPublic:
-        return cls(
-            id=k.id, tenant_id=k.tenant_id, prefix=k.prefix, created_at=k.created_at, revoked_at=k.revoked_at
-        )
 
 
 class ApiKeyCreated(ApiKeyPublic):

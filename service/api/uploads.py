@@ -12,7 +12,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 from urllib.parse import unquote
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -59,6 +59,13 @@ def too_large(limit: int, hint: str = DATASET_HINT) -> ApiError:
     )
 
 
+class Digest(Protocol):
+    """What Sink needs of a hashlib hash object."""
+
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
 @dataclass
 class Sink:
     """Hashes, counts and writes bytes; raises 413 once more than `limit` bytes arrive."""
@@ -66,19 +73,19 @@ class Sink:
     fh: IO[bytes]
     limit: int
     size: int = 0
-    digest: object = field(default_factory=hashlib.sha256)
+    digest: Digest = field(default_factory=hashlib.sha256)
     hint: str = DATASET_HINT  # what to do about a 413
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
             raise too_large(self.limit, self.hint)
-        self.digest.update(data)  # type: ignore[attr-defined]
+        self.digest.update(data)
         self.fh.write(data)
 
     @property
     def sha256(self) -> str:
-        return self.digest.hexdigest()  # type: ignore[attr-defined]
+        return self.digest.hexdigest()
 
 
 @dataclass

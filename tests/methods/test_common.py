@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_task
 
 from cltune.config import LoraConfig
 from cltune.data import collate
 from cltune.methods.common import answer_logits, attach_adapter, ce_loss, peft_lora_config
-from tests.conftest import make_task
 
 PAIRS = [("capital of abc?", "oslo"), ("pet of de", "frog"), ("color of fghij", "green"), ("x", "y")]
 

@@ -7,27 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TASK_A, TASK_B, make_task
+from conftest import TASK_A, TASK_B, method_task, train_with_restart
 
-from cltune.config import LoraConfig, TrainConfig
-from cltune.errors import StopRequested
 from cltune.methods.base import MethodState
 from cltune.methods.dema import Dema, DemaParams, dema_update_, dynamic_alpha
-from cltune.train import Callbacks, train_task
+from cltune.train import train_task
 
-LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
 TASK_A2 = [(f"add one to {i}", str(i + 1)) for i in range(40, 60)]  # task A's template, new numbers
-
-
-def _task(tiny, pairs, index=0, name=None, steps=3):
-    return make_task(
-        tiny,
-        pairs,
-        index=index,
-        name=name or f"t{index}",
-        lora=LORA,
-        train=TrainConfig(steps=steps, batch_size=4, max_len=64),
-    )
 
 
 def test_alpha_on_hand_made_tensors_equals_the_formula():
@@ -55,7 +41,7 @@ def test_alpha_falls_back_without_a_previous_gradient_and_out_of_range():
 
 def test_first_step_of_a_task_starts_the_ema_at_the_weights_and_falls_back(tiny):
     m = Dema(DemaParams(grouping=False))
-    t = _task(tiny, TASK_A, steps=1)
+    t = method_task(tiny, TASK_A, steps=1)
     model = m.prepare(tiny.model, t, None)
     train_task(model, m, t, t.train_cfg)
     m._flush()
@@ -66,7 +52,7 @@ def test_first_step_of_a_task_starts_the_ema_at_the_weights_and_falls_back(tiny)
 
 def test_served_weights_equal_the_ema_after_the_task_and_raw_weights_are_kept(tiny):
     m = Dema(DemaParams(grouping=False))
-    t = _task(tiny, TASK_A, steps=4)
+    t = method_task(tiny, TASK_A, steps=4)
     model = m.prepare(tiny.model, t, None)
     logs = []
     t.log = lambda msg, **data: logs.append((msg, data))
@@ -89,7 +75,7 @@ def test_dissimilar_tasks_expand_and_a_familiar_template_retrains_its_group(tiny
     model, state = tiny.model, None
     for i, pairs in enumerate([TASK_A, TASK_B, TASK_A2]):
         m = Dema()
-        t = _task(tiny, pairs, index=i, name=["add", "rev", "add2"][i])
+        t = method_task(tiny, pairs, index=i, name=["add", "rev", "add2"][i])
         model = m.prepare(model, t, state)
         decisions.append((m.decision.action, m.dema_on, m.serve_adapter))
         if i == 0:  # give the first group non-trivial weights, to see the expansion copy them
@@ -115,13 +101,13 @@ def test_groups_and_their_adapters_come_back_in_a_new_process(tiny, tmp_path: Pa
     model, state = tiny.model, None
     for i, pairs in enumerate([TASK_A, TASK_B]):
         m = Dema()
-        t = _task(tiny, pairs, index=i, steps=2)
+        t = method_task(tiny, pairs, index=i, steps=2)
         model = m.prepare(model, t, state)
         train_task(model, m, t, t.train_cfg)
         state = m.after_task(model, t)
     state.save(tmp_path)
     m = Dema()
-    fresh = m.prepare(base, _task(tiny, TASK_A2, index=2), MethodState.load(tmp_path))
+    fresh = m.prepare(base, method_task(tiny, TASK_A2, index=2), MethodState.load(tmp_path))
     assert m.serve_adapter == "g0" and m.dema_on
     fresh_params = dict(fresh.named_parameters())
     for name, p in model.named_parameters():
@@ -131,24 +117,13 @@ def test_groups_and_their_adapters_come_back_in_a_new_process(tiny, tmp_path: Pa
 
 def test_mid_task_checkpoint_resume_matches_an_uninterrupted_run(tiny, tmp_path: Path):
     def run(stop_at: int | None, ck: Path):
-        m = Dema(DemaParams(grouping=False))
-        t = _task(tiny, TASK_A, steps=5)
-        model = m.prepare(copy.deepcopy(tiny.model), t, None)
-        n = {"calls": 0}
+        t = method_task(tiny, TASK_A, steps=5)
 
-        def should_stop() -> bool:
-            n["calls"] += 1
-            return stop_at is not None and n["calls"] > stop_at
-
-        try:
-            train_task(
-                model, m, t, t.train_cfg, checkpoint_dir=ck, callbacks=Callbacks(should_stop=should_stop)
-            )
-        except StopRequested:
+        def start():
             m = Dema(DemaParams(grouping=False))
-            model = m.prepare(copy.deepcopy(tiny.model), t, None)
-            train_task(model, m, t, t.train_cfg, checkpoint_dir=ck, resume=True)
-        return m
+            return m.prepare(copy.deepcopy(tiny.model), t, None), m
+
+        return train_with_restart(start, t, ck, stop_at)[1]
 
     torch.manual_seed(0)
     a = run(None, tmp_path / "a")

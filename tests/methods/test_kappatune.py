@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TASK_A, TASK_B, make_task
+from conftest import NO_DROPOUT, TASK_A, TASK_B, method_task
 from peft.helpers import KappaTuneSelector
 from torch import nn
 
-from cltune.config import LoraConfig, TrainConfig
 from cltune.errors import ConfigError
 from cltune.methods.common import attach_adapter, peft_lora_config
 from cltune.methods.kappatune import (
@@ -26,8 +25,6 @@ from cltune.methods.kappatune import (
 )
 from cltune.models import LoadedModel, build_tiny_llama
 from cltune.train import train_task
-
-LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +100,7 @@ def test_wrapped_model_is_read_through_base_layers_and_merged_one_is_refused(tin
     raw = kappa_table(base_linear_modules(tiny.model))
     assert not any("lm_head" in n or "embed" in n for n in raw)
     assert len(raw) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
-    model = attach_adapter(tiny.model, "default", peft_lora_config(LORA))
+    model = attach_adapter(tiny.model, "default", peft_lora_config(NO_DROPOUT))
     wrapped = kappa_table(base_linear_modules(model))
     assert wrapped == raw  # same names, same values: never lora_A / lora_B / base_layer
     model.merge_adapter()
@@ -124,14 +121,7 @@ def test_kappa_table_is_cached_per_weights(tiny):
 
 
 def _task(tiny, pairs=TASK_A, index=0):
-    return make_task(
-        tiny,
-        pairs,
-        index=index,
-        name=f"t{index}",
-        lora=LORA,
-        train=TrainConfig(steps=2, batch_size=4, max_len=64),
-    )
+    return method_task(tiny, pairs, index, steps=2)
 
 
 def test_selection_rank_and_trainable_tensors_are_stored_with_the_adapter(tiny):
@@ -153,7 +143,7 @@ def test_selection_rank_and_trainable_tensors_are_stored_with_the_adapter(tiny):
     per_rank = n_params // m.meta["rank"]
     assert m.meta["baseline_params"] == 2 * 4 * ((128 + 128) + (128 + 64))  # 2 layers; v_proj 128 -> 64 (GQA)
     assert abs(n_params - m.meta["baseline_params"]) <= per_rank / 2
-    assert model.peft_config[ADAPTER].lora_alpha / m.meta["rank"] == LORA.alpha / LORA.r
+    assert model.peft_config[ADAPTER].lora_alpha / m.meta["rank"] == NO_DROPOUT.alpha / NO_DROPOUT.r
     train_task(model, m, task, task.train_cfg)
     state = m.after_task(model, task)
     assert state.meta["notes"]["selection"] == sel
@@ -175,7 +165,7 @@ def test_next_task_reuses_the_stored_selection(tiny):
 def test_without_param_matching_the_run_rank_is_used(tiny):
     m = KappaTune(KappaTuneParams(match_params=False, num_modules=3))
     m.prepare(tiny.model, _task(tiny), None)
-    assert m.meta["rank"] == LORA.r and len(m.meta["selection"]) == 3
+    assert m.meta["rank"] == NO_DROPOUT.r and len(m.meta["selection"]) == 3
 
 
 def test_a_large_selection_wraps_exactly_the_selected_modules():

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TASK_A, TASK_B, make_task
+from conftest import NO_DROPOUT, TASK_A, TASK_B, make_task, pc_rows
 
 from cltune.config import LoraConfig, TrainConfig
 from cltune.data import collate
@@ -18,8 +18,6 @@ from cltune.methods.common import adapter_parameters
 from cltune.methods.npo import REF_ADAPTER, npo_loss, token_kl
 from cltune.methods.seq_lora import SeqLora
 from cltune.train import train_task
-
-NO_DROPOUT = LoraConfig(r=4, alpha=8, dropout=0.0)
 
 
 def forget_batch(loaded, task, n=4):
@@ -323,10 +321,11 @@ def test_unlearning_task_in_a_sequence_is_scored_on_its_forget_set_and_continues
     tiny, write_jsonl, tmp_path
 ):
     from cltune.config import parse_config
+    from cltune.continual import run_continual
     from cltune.registry import Registry
-    from cltune.sequence import read_task_data, run_sequence
+    from cltune.task_data import read_task_data
 
-    rows = [{"prompt": q, "completion": a} for q, a in TASK_A]
+    rows = pc_rows(TASK_A)
     learn, forget, retain = (
         write_jsonl(r, f) for r, f in ((rows, "l.jsonl"), (rows[:6], "f.jsonl"), (rows[6:], "r.jsonl"))
     )
@@ -350,7 +349,7 @@ def test_unlearning_task_in_a_sequence_is_scored_on_its_forget_set_and_continues
     data = read_task_data(cfg.tasks[1], 0, unlearning=True)
     assert data.eval == data.train and len(data.train) == 6  # nothing held out: scored on the forget set
     reg = Registry(tmp_path / "reg")
-    out = run_sequence(cfg, tmp_path / "run", registry=reg, loaded=tiny)
+    out = run_continual(cfg, tmp_path / "run", registry=reg, loaded=tiny)
     assert len(out.R) == 3
     record = reg.get("forget")
     assert record.parent == "learn@1" and record.method == "npo_rt"

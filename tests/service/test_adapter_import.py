@@ -20,13 +20,13 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load, load_file, save_file
 
 from cltune.config import parse_config
+from cltune.continual import run_continual
 from cltune.registry import Registry
-from cltune.sequence import run_sequence
 from service import store
+from service.layout import resolve_datasets
 from service.settings import Settings
 
-from .api_support import Api, job_config, make_api, upload
-from .test_engine import make_adapters
+from .api_support import Api, job_config, make_adapters, make_api, upload
 
 LIMIT = 256 * 1024  # the tiny adapters are a few KB
 
@@ -316,7 +316,7 @@ def test_a_job_starts_from_an_imported_adapter_and_records_it_as_parent(world: W
     r = c.post("/v1/jobs", json={"config": cfg}, headers=h)
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["config"]["tasks"][0]["init_adapter"] == "seed"  # as sent
-    stored = store.load_job(c.app.state.engine, r.json()["id"]).config
+    stored = store.load_job(c.app.state.db, r.json()["id"]).config
     assert stored["tasks"][0]["init_adapter"] == "seed@1"  # pinned at submit
     assert (stored["lora"]["r"], stored["lora"]["alpha"], stored["lora"]["target_modules"]) == (
         2,
@@ -337,7 +337,8 @@ def test_a_job_starts_from_an_imported_adapter_and_records_it_as_parent(world: W
     refused(kappa, "(root)", "method 'kappatune' chooses its own LoRA layout")
 
     registry = Registry(world.settings.adapters_dir(world.tenant))
-    res = run_sequence(parse_config(stored), tmp_path / "run", registry=registry, created_by="test")
+    local = resolve_datasets(stored, world.settings.data_dir, world.tenant)  # as the runner does
+    res = run_continual(parse_config(local), tmp_path / "run", registry=registry, created_by="test")
     assert [a["parent"] for a in res.adapters] == ["seed@1"]
     trained = load_file(
         registry.path(res.adapters[0]["name"], res.adapters[0]["version"]) / "adapter_model.safetensors"
@@ -368,7 +369,7 @@ def test_the_cli_imports_into_a_registry_directory(world: World, tmp_path: Path,
 def test_with_a_shared_artifact_store_the_import_is_pushed_for_other_hosts(tmp_path: Path) -> None:
     from cltune.artifact_sync import remote_versions
     from cltune.artifacts import LocalStore
-    from service.artifacts import adapters_prefix
+    from service.layout import adapters_prefix
 
     api = make_api(tmp_path, engine_model="tiny-llama", artifact_dir=tmp_path / "store")
     tenant, h = api.tenant("acme")

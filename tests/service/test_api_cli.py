@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import pytest
 from service import auth
 from service.cli import first_start_key, main
 from service.db import init_db, make_engine
+
+from .api_support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,9 +50,7 @@ def test_admin_commands_create_a_tenant_and_a_working_key(
 
 @pytest.mark.slow  # a fresh interpreter imports torch, transformers and peft: 10-40 s on 2 cores
 def test_serve_prints_the_url_and_a_key_that_works(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
         [

@@ -4,7 +4,6 @@ a burst worker, follow it over SSE, download both adapters and load them with Pe
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import threading
 from pathlib import Path
@@ -13,12 +12,8 @@ import pytest
 
 from service.worker import Worker
 
-from .api_support import make_api
+from .api_support import make_api, pairs_jsonl
 from .test_api_flows import sse_events
-
-
-def rows(pairs: list[tuple[str, str]]) -> bytes:
-    return "".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in pairs).encode()
 
 
 @pytest.mark.slow  # the job runs in a spawned child that imports torch and transformers: ~20-60 s on 2 cores
@@ -31,7 +26,7 @@ def test_two_task_job_from_upload_to_peft_adapters(tmp_path: Path) -> None:
         ("add", [(f"add one to {i}", str(i + 1)) for i in range(8)]),
         ("rev", [(f"reverse {w}", w[::-1]) for w in ["abc", "dog", "cat", "sun", "map", "pen"]]),
     ):
-        r = c.post("/v1/datasets", files={"file": (f"{name}.jsonl", rows(pairs))}, headers=h)
+        r = c.post("/v1/datasets", files={"file": (f"{name}.jsonl", pairs_jsonl(pairs))}, headers=h)
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     config = {

@@ -82,7 +82,7 @@ def test_out_of_range_hyperparameters_report_the_valid_range_all_at_once(api) ->
     valid = {e["field"]: e.get("valid") for e in err["errors"]}
     assert valid == {
         "lora.r": "1 <= r <= 1024",
-        "method": "0.0 < beta <= 100.0",
+        "method.params.beta": "0.0 < beta <= 100.0",
         "train.lr": "0 < lr <= 1.0",
     }
     assert "1 <= r <= 1024" in err["message"]

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from service import store
 from service.auth import hash_key
 from service.db import ApiKeyRow, make_engine, session
+from service.job_run import local_config
 
 from .api_support import Api, fake_adapter, job_config, jsonl, make_api, upload
 
@@ -76,8 +77,8 @@ def test_a_multi_megabyte_upload_arrives_intact_in_chunks(api) -> None:
     assert r.json()["sha256"] == hashlib.sha256(body).hexdigest() and r.json()["examples"] == 25_000
 
 
-def test_jobs_store_the_request_and_the_resolved_config(api) -> None:
-    api, h, _ = api
+def test_jobs_store_the_request_and_the_validated_config_with_dataset_ids(api) -> None:
+    api, h, tenant_id = api
     ds = upload(api, h)
     r = api.client.post(
         "/v1/jobs", json={"config": job_config(ds), "priority": 5, "max_attempts": 2}, headers=h
@@ -86,10 +87,13 @@ def test_jobs_store_the_request_and_the_resolved_config(api) -> None:
     job = r.json()
     assert (job["status"], job["priority"], job["max_attempts"]) == ("queued", 5, 2)
     assert job["spec"]["config"]["tasks"][0]["train"] == ds  # as sent
-    stored = store.load_job(api.client.app.state.engine, job["id"])
-    path = Path(stored.config["tasks"][0]["train"])
-    assert path.is_absolute() and path.read_bytes() == jsonl()  # resolved to the tenant's file
+    assert str(api.settings.data_dir) not in json.dumps(job)  # no host path in the response
+    stored = store.load_job(api.client.app.state.db, job["id"])
+    assert stored.config["tasks"][0]["train"] == ds  # the id: each runner resolves it on its own host
     assert stored.config["lora"]["r"] == 8  # defaults filled in
+    runner_job = {"id": job["id"], "tenant_id": tenant_id, "spec": stored.spec, "config": stored.config}
+    path = Path(local_config(runner_job, api.settings.data_dir)["tasks"][0]["train"])
+    assert path.is_absolute() and path.read_bytes() == jsonl()  # the tenant's file on this host
 
 
 def test_list_jobs_filters_by_status_and_paginates(api) -> None:
@@ -120,7 +124,7 @@ def test_cancel_then_retry_requeues_and_events_record_each_transition(api) -> No
 
 def test_sse_follows_a_job_until_it_ends_and_resumes_from_last_event_id(api) -> None:
     api, h, _ = api
-    engine = api.client.app.state.engine
+    engine = api.client.app.state.db
     job = api.client.post("/v1/jobs", json={"config": job_config(upload(api, h))}, headers=h).json()["id"]
 
     def work() -> None:  # what a worker does, slowly enough that the stream must wait for it
@@ -213,7 +217,7 @@ def test_auth_disabled_acts_as_the_local_tenant(tmp_path: Path) -> None:
 
 def _succeed(api: Api, h: dict[str, str], result: dict) -> str:
     """A job as a worker finishes it, with `result` as its results."""
-    engine = api.client.app.state.engine
+    engine = api.client.app.state.db
     job = api.client.post("/v1/jobs", json={"config": job_config(upload(api, h))}, headers=h).json()["id"]
     assert store.claim(engine, "w1", 30).id == job
     store.finish(engine, job, "w1", result)

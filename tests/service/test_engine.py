@@ -16,57 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft import PeftModel
 
-from cltune.config import LoraConfig, ModelConfig
+from cltune.config import ModelConfig
 from cltune.errors import ConflictError, NotFoundError
-from cltune.methods.common import peft_lora_config
 from cltune.models import LoadedModel, build_tiny_llama, load_model
 from cltune.registry import Registry
-from service.api.routes.openai import _stream
-from service.engine import Completion, Engine, EngineError, EngineParams, GenRequest, SamplingParams
+from service.api.routes.openai import Answer, _stream
+from service.inference import Completion, Engine, EngineError, EngineParams, GenRequest, SamplingParams
+
+from .api_support import make_adapters
 
 TENANT = "t_test"
-# different ranks and target sets, so rank padding and partly-targeted layers are exercised
-SHAPES = [
-    (2, ["q_proj", "v_proj"]),
-    (4, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    (8, ["v_proj", "down_proj"]),
-]
-
-
-def make_adapters(
-    registry: Registry,
-    names: list[str],
-    seed: int = 0,
-    std: float = 0.3,
-    codebooks: dict[str, list[str]] | None = None,
-) -> None:
-    """Save random LoRA adapters (non-zero B, so each changes the output) for tiny-llama seed 0."""
-    for i, name in enumerate(names):
-        model, _, fp = build_tiny_llama(0)
-        r, targets = SHAPES[i % len(SHAPES)]
-        pm = get_peft_model(
-            model, peft_lora_config(LoraConfig(r=r, alpha=2 * r, target_modules=targets)), adapter_name=name
-        )
-        g = torch.Generator().manual_seed(seed * 1000 + i)
-        for m in pm.modules():
-            if isinstance(m, LoraLayer):
-                with torch.no_grad():
-                    m.lora_A[name].weight.copy_(torch.randn(m.lora_A[name].weight.shape, generator=g) * std)
-                    m.lora_B[name].weight.copy_(torch.randn(m.lora_B[name].weight.shape, generator=g) * std)
-        registry.save(
-            pm,
-            name,
-            {
-                "name": name,
-                "base_model": "tiny-llama",
-                "base_fingerprint": fp,
-                "method": "seq_lora",
-                "codebook": (codebooks or {}).get(name, [f"task {name}"]),
-            },
-        )
 
 
 def tiny() -> LoadedModel:
@@ -479,11 +440,10 @@ def test_a_closed_stream_cancels_its_request(registry: Registry) -> None:
     engine = make_engine(registry)
     req = requests(engine, registry, ["ad0"], n=1000)[0]
 
-    def chunk(*a: object, **k: object) -> dict:
-        return {"x": a[0] if a else None}
+    answer = Answer(chat=True, model="ad0@1")
 
     async def client_goes_away() -> None:
-        gen = _stream(engine, req, chunk, False)
+        gen = _stream(engine, req, 1, answer, False)
 
         async def consume() -> None:
             async for _ in gen:  # its only wait is inside the generator, like Starlette's loop
@@ -495,7 +455,7 @@ def test_a_closed_stream_cancels_its_request(registry: Registry) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        closed = _stream(engine, req, chunk, False)
+        closed = _stream(engine, req, 1, answer, False)
         await closed.__anext__()  # the first (role) chunk; the request is queued
         await closed.aclose()
 

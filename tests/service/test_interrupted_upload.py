@@ -19,15 +19,9 @@ import pytest
 from service.datasets import UNLOCKED_GRACE_SECONDS, clean_staging, hold_staged
 from service.settings import Settings
 
-from .api_support import jsonl
+from .api_support import free_port, jsonl
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(tmp_path: Path, port: int, log_name: str) -> tuple[subprocess.Popen, str]:

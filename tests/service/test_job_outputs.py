@@ -14,11 +14,7 @@ import pytest
 
 from service.worker import Worker
 
-from .api_support import Api, make_api, serving, upload
-
-
-def pairs_jsonl(pairs: list[tuple[str, str]]) -> bytes:
-    return "".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in pairs).encode()
+from .api_support import Api, make_api, pairs_jsonl, serving, upload
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,8 @@ from cltune.registry import Registry
 from service.api.app import create_app
 from service.settings import Settings
 
-from .api_support import serving
-from .test_engine import make_adapters
+from .api_support import ADMIN, make_adapters, new_tenant, serving
 
-ADMIN = "admin-key-for-tests"
 CODEBOOKS = {
     "capitals": [
         f"What is the capital of {c}?" for c in ("France", "Chile", "Spain", "Japan", "Kenya", "Peru")
@@ -50,16 +48,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         engine_max_wait_ms=20,
     )
     app = create_app(settings)
-    keys = []
     with TestClient(app) as admin:
-        for name in ("alpha", "beta"):
-            t = admin.post(
-                "/v1/admin/tenants", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN}"}
-            )
-            k = admin.post(
-                f"/v1/admin/tenants/{t.json()['id']}/keys", headers={"Authorization": f"Bearer {ADMIN}"}
-            )
-            keys.append((t.json()["id"], k.json()["key"]))
+        keys = [new_tenant(admin, name) for name in ("alpha", "beta")]
     make_adapters(Registry(settings.adapters_dir(keys[0][0])), ["capitals", "french"], codebooks=CODEBOOKS)
     with serving(app) as url:
         yield Served(f"{url}/v1", keys[0][1], keys[1][1], settings)
@@ -156,7 +146,8 @@ def test_unknown_and_other_tenants_models_answer_404_in_openai_format(served: Se
         {"max_tokens": 65},
         {"temperature": 2.5},
         {"top_p": 0},
-        {"n": 3},
+        {"n": 0},
+        {"n": 9},
         {"seed": 2**64, "temperature": 0.7},
         {"seed": -(2**63) - 1, "temperature": 0.7},
     ],
@@ -259,7 +250,6 @@ CHAT = [{"role": "user", "content": "hi"}]
         ("chat", {"tool_choice": "required"}, "tool_choice"),
         ("chat", {"logprobs": True}, "logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 3}, "logprobs"),
-        ("chat", {"n": 2}, "n"),
         ("chat", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
         ("chat", {"logit_bias": {"50256": -100}}, "logit_bias"),
@@ -300,3 +290,58 @@ def test_unknown_fields_answer_400_and_neutral_values_are_accepted(served: Serve
     neutral = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u1"}
     out = c.chat.completions.create(model="base", messages=CHAT, max_tokens=2, **neutral)  # type: ignore[arg-type, call-overload]
     assert out.choices[0].message.role == "assistant"
+
+
+def test_n_choices_are_indexed_and_count_the_prompt_once(served: Served) -> None:
+    c = client(served)
+    one = c.completions.create(model="capitals", prompt="hello", max_tokens=6, temperature=0)
+    three = c.completions.create(model="capitals", prompt="hello", max_tokens=6, temperature=0, n=3)
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    assert [ch.text for ch in three.choices] == [one.choices[0].text] * 3  # greedy: all equal
+    assert one.usage is not None and three.usage is not None
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # OpenAI: the prompt once
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    both = c.completions.create(model="base", prompt=["hello", "the cat"], max_tokens=4, temperature=0, n=2)
+    assert [ch.index for ch in both.choices] == [0, 1, 2, 3]  # prompt i's choice j is i * n + j
+    assert both.choices[0].text == both.choices[1].text and both.choices[2].text == both.choices[3].text
+    # sampling with a seed: the same n answers again; choice 0 is the answer of n=1 with that seed
+    kw = {"model": "french", "messages": CHAT, "max_tokens": 8, "temperature": 1.0, "seed": 11}
+    a = c.chat.completions.create(n=3, **kw)  # type: ignore[call-overload]
+    b = c.chat.completions.create(n=3, **kw)  # type: ignore[call-overload]
+    alone = c.chat.completions.create(**kw)  # type: ignore[call-overload]
+    texts = [ch.message.content for ch in a.choices]
+    assert [ch.index for ch in a.choices] == [0, 1, 2] and a.model == "french@1"
+    assert texts == [ch.message.content for ch in b.choices] and texts[0] == alone.choices[0].message.content
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_n_choices_stream_with_their_index_and_equal_the_whole_answer(served: Served, chat: bool) -> None:
+    c = client(served)
+    kw: dict = {"model": "capitals@1", "max_tokens": 8, "temperature": 0.9, "seed": 5, "n": 3}
+    if chat:
+        kw["messages"] = [{"role": "user", "content": "Say something."}]
+        create = c.chat.completions.create
+    else:
+        kw["prompt"] = "Say something."
+        create = c.completions.create  # type: ignore[assignment]
+    whole = create(**kw)
+    chunks = list(create(stream=True, stream_options={"include_usage": True}, **kw))
+    texts, finish = ["", "", ""], [None, None, None]
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += (choice.delta.content if chat else choice.text) or ""  # type: ignore[union-attr]
+            finish[choice.index] = choice.finish_reason or finish[choice.index]
+    assert texts == [ch.message.content if chat else ch.text for ch in whole.choices]  # type: ignore[union-attr]
+    assert finish == [ch.finish_reason for ch in whole.choices]
+    assert chunks[-1].usage is not None and whole.usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("n", [0, 9, 100])
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_outside_1_to_8_answers_400_naming_the_bound(served: Served, n: int, stream: bool) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client(served).chat.completions.create(model="base", messages=CHAT, max_tokens=2, n=n, stream=stream)  # type: ignore[arg-type, call-overload]
+    assert e.value.status_code == 400 and e.value.param == "n" and e.value.code == "invalid_value"
+    assert f"n={n} is outside 1-8" in e.value.message

@@ -4,13 +4,9 @@ S3 store (a moto server on loopback), never a data directory."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +16,15 @@ from sqlalchemy import Engine
 from cltune.artifact_sync import remote_versions
 from cltune.artifacts import S3Store
 from cltune.registry import Registry
-from service import runner, store
+from service import layout, runner, store
 from service.artifacts import put_dataset, store_from_settings
 from service.db import JobStatus
 from service.settings import Settings
 
+from .api_support import ADD_ONE_ROWS, spawn_worker, training_config, write_rows
+
 T = "t_a"
-ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"add one to {i}"},
-            {"role": "assistant", "content": str(i + 1)},
-        ]
-    }
-    for i in range(16)
-]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server in this process, on a free loopback port."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    yield f"http://{host}:{port}"
-    server.stop()
+DS = "ds_00000000000000d1"
 
 
 def _s3(endpoint: str, tmp_path: Path) -> dict[str, Any]:
@@ -63,34 +38,23 @@ def _s3(endpoint: str, tmp_path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _upload(host: Settings) -> Path:
-    """A dataset uploaded through the API of `host`: a file in its data dir, copied to the store."""
-    path = (host.data_dir / "datasets" / T / "ds_1.jsonl").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    assert put_dataset(host, T, path) == f"datasets/{T}/ds_1.jsonl"
-    return path
-
-
-def _config(train: Path, steps: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": {"name": "tiny-llama", "device": "cpu"},
-        "lora": {"r": 4, "alpha": 8},
-        "tasks": [{"name": "a", "train": str(train), "max_eval": 4}],
-        "train": {"steps": steps, "batch_size": 4, "max_len": 64, **extra},
-        "eval": {"max_new_tokens": 2, "heatmap": False},
-    }
+def _upload(host: Settings) -> str:
+    """A dataset uploaded through the API of `host`: a file in its data dir, copied to the store.
+    Returns its id, which is what a job's config names."""
+    write_rows(layout.dataset_path(host.data_dir, T, DS), ADD_ONE_ROWS)
+    assert put_dataset(host, T, DS) == f"datasets/{T}/{DS}.jsonl"
+    return DS
 
 
 def test_a_stopped_job_resumes_on_a_host_that_shares_only_the_store(s3_endpoint: str, tmp_path: Path) -> None:
     s3 = _s3(s3_endpoint, tmp_path)
     host_a = Settings(data_dir=tmp_path / "a", **s3)
     host_b = Settings(data_dir=tmp_path / "b", **s3)
-    job = {
+    job: dict[str, Any] = {
         "id": "job_1",
         "tenant_id": T,
         "spec": {},
-        "config": _config(_upload(host_a), 6, checkpoint_every=2),
+        "config": training_config(_upload(host_a), 6, checkpoint_every=2),
         "attempts": 1,
         "artifacts": s3,
     }
@@ -108,7 +72,11 @@ def test_a_stopped_job_resumes_on_a_host_that_shares_only_the_store(s3_endpoint:
     assert kind == "result", result
     assert steps(2) == [4, 5, 6]  # from the checkpoint written when it stopped, not from step 1
     assert result["adapters"][0]["ref"] == "a@1"
-    assert (host_b.data_dir / "datasets" / T / "ds_1.jsonl").exists()  # fetched from the store
+    here = layout.dataset_path(host_b.data_dir, T, DS)
+    assert here.exists()  # fetched from the store by its id
+    progress = json.loads((layout.run_dir(host_b.data_dir, "job_1") / "progress.json").read_text())
+    assert progress["config"]["tasks"][0]["train"] == str(here)  # host A's path is not kept
+    assert job["config"]["tasks"][0]["train"] == DS  # the job's own config is unchanged
     shared = store_from_settings(host_b)
     assert shared is not None and remote_versions(shared, f"adapters/{T}") == {"a": [1]}
     assert Registry(host_b.data_dir / "adapters" / T).get("a@1").created_by == "job_1"
@@ -116,25 +84,21 @@ def test_a_stopped_job_resumes_on_a_host_that_shares_only_the_store(s3_endpoint:
 
 # ---------------------------------------------------------------- two worker processes (slow)
 
-WORKER_MAIN = "import sys; from service.worker import main; sys.exit(main(sys.argv[1:]))"
-
 
 def _spawn(settings: Settings, data_dir: Path, s3: dict[str, Any], wid: str, *args: str) -> Any:
-    env = {
-        **os.environ,
-        "CLTUNE_DATABASE_URL": settings.db_url,  # shared
-        "CLTUNE_DATA_DIR": str(data_dir),  # not shared
-        "CLTUNE_LEASE_SECONDS": "3",
-        "CLTUNE_HEARTBEAT_SECONDS": "0.5",
-        "CLTUNE_ARTIFACT_STORE": "s3",
-        "CLTUNE_S3_ENDPOINT_URL": s3["s3_endpoint_url"],
-        "CLTUNE_S3_BUCKET": s3["s3_bucket"],
-        "CLTUNE_S3_PREFIX": s3["s3_prefix"],
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-c", WORKER_MAIN, "--id", wid, "--poll", "0.05", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """A worker on the shared database (`settings`) with its own, unshared data dir and the S3 store."""
+    return spawn_worker(
+        settings,
+        wid,
+        *args,
+        CLTUNE_DATA_DIR=str(data_dir),  # not shared
+        CLTUNE_LEASE_SECONDS="3",
+        CLTUNE_HEARTBEAT_SECONDS="0.5",
+        CLTUNE_ARTIFACT_STORE="s3",
+        CLTUNE_S3_ENDPOINT_URL=s3["s3_endpoint_url"],
+        CLTUNE_S3_BUCKET=s3["s3_bucket"],
+        CLTUNE_S3_PREFIX=s3["s3_prefix"],
+    )
 
 
 def _step(engine: Engine, job: store.Job) -> int:
@@ -149,7 +113,7 @@ def test_a_job_whose_worker_host_dies_resumes_on_a_worker_with_another_data_dir(
     s3 = _s3(s3_endpoint, tmp_path)
     dir_a, dir_b = tmp_path / "host_a", tmp_path / "host_b"
     train = _upload(Settings(data_dir=dir_a, **s3))
-    config = _config(train, 30, checkpoint_every=1)
+    config = training_config(train, 30, checkpoint_every=1)
     job = store.enqueue(engine, T, {"config": config}, config)
     first = _spawn(settings, dir_a, s3, "host-a")
     end = time.monotonic() + 120
@@ -192,7 +156,7 @@ def test_a_data_parallel_job_stops_on_one_host_and_resumes_on_another(
         "id": "job_dp",
         "tenant_id": T,
         "spec": {},
-        "config": _config(_upload(host_a), 6, checkpoint_every=2),
+        "config": training_config(_upload(host_a), 6, checkpoint_every=2),
         "attempts": 1,
         "artifacts": s3,
         "devices": 2,

@@ -22,8 +22,7 @@ import pytest
 from cltune.registry import Registry
 from service import store
 
-from .api_support import ADMIN, job_config, jsonl, make_api, serving, upload
-from .test_engine import make_adapters
+from .api_support import ADMIN, job_config, jsonl, make_adapters, make_api, serving, upload
 
 SEED = 15
 MAX_EXAMPLES = 30  # per operation and phase: ~2000 cases, 30-60 s on 2 cores
@@ -63,7 +62,7 @@ def serve_for_fuzzing(tmp: Path) -> Iterator[Target]:
     tenant, h = api.tenant("fuzz")
     ds = [upload(api, h, name, jsonl(4, prefix=name)) for name in ("train.jsonl", "my data.jsonl")]
     job = api.client.post("/v1/jobs", json={"config": job_config(*ds)}, headers=h).json()["id"]
-    engine = api.client.app.state.engine  # type: ignore[attr-defined]
+    engine = api.client.app.state.db  # type: ignore[attr-defined]
     assert store.claim(engine, "w1", 30).id == job  # type: ignore[union-attr]
     result = {"tasks": ["task0", "task1"], "R": [[0, 0], [0.9, 0], [0.8, 0.7]], "metrics": {"ap": 0.75}}
     store.finish(engine, job, "w1", result)

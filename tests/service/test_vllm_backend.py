@@ -21,8 +21,7 @@ from cltune.registry import Registry
 from service.api.app import create_app
 from service.settings import Settings
 
-from .api_support import ADMIN, fake_adapter, serving
-from .test_engine import make_adapters
+from .api_support import ADMIN, fake_adapter, make_adapters, new_tenant, serving
 
 BASE = "fake-base"
 CODEBOOKS = {
@@ -126,12 +125,10 @@ class Setup:
 
 
 def _tenants(url: str) -> tuple[dict[str, str], dict[str, str]]:
-    admin = {"Authorization": f"Bearer {ADMIN}"}
     keys, ids = {}, {}
-    for name in ("alpha", "beta"):
-        t = httpx.post(f"{url}/v1/admin/tenants", json={"name": name}, headers=admin).json()
-        k = httpx.post(f"{url}/v1/admin/tenants/{t['id']}/keys", headers=admin).json()
-        keys[name], ids[name] = k["key"], t["id"]
+    with httpx.Client(base_url=url) as client:
+        for name in ("alpha", "beta"):
+            ids[name], keys[name] = new_tenant(client, name)
     return keys, ids
 
 
@@ -237,6 +234,18 @@ def test_streaming_passes_chunks_through(setup: Setup) -> None:
     r = setup.post("/completions", {"model": "base", "prompt": "a b c", "stream": True, "max_tokens": 4})
     assert [e["choices"][0]["text"] for e in _events(r)] == [f"[{BASE}]", "a", "b", "c"]
     assert setup.fake.bodies[-1]["stream"] is True
+
+
+def test_n_is_forwarded_to_vllm_and_bounded_by_cltune(setup: Setup) -> None:
+    r = setup.post("/chat/completions", {**chat("french", "Write 3 in French"), "n": 3, "seed": 4})
+    assert r.status_code == 200, r.text
+    sent = setup.fake.bodies[-1]
+    assert sent["n"] == 3 and sent["seed"] == 4  # vLLM generates (and counts usage for) the 3 choices
+    r = setup.post("/completions", {"model": "base", "prompt": "x"})
+    assert r.status_code == 200 and setup.fake.bodies[-1]["n"] == 1  # made explicit, as the other defaults
+    calls = len(setup.fake.bodies)
+    r = setup.post("/completions", {"model": "base", "prompt": "x", "n": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and len(setup.fake.bodies) == calls
 
 
 def test_auto_routes_to_the_adapter(setup: Setup) -> None:

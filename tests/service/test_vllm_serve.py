@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from cltune.config import EvalConfig, LoraConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig
+from cltune.continual import run_continual
 from cltune.demo_data import write_demo_data
 from cltune.models import load_model
 from cltune.registry import Registry
-from cltune.sequence import run_sequence
 from service.api.app import create_app
 from service.settings import Settings
 
@@ -98,7 +98,7 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Both]:
                 train=TrainConfig(steps=4, batch_size=4, lr=3e-3, max_len=64),
                 eval=EvalConfig(max_new_tokens=4, general=[], heatmap=False),
             )
-            run_sequence(
+            run_continual(
                 cfg, tmp / "run", registry=Registry(data / "adapters" / t["id"]), loaded=model
             )  # two adapters, capitals@1 and french_numbers@1
             del model

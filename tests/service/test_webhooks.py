@@ -5,10 +5,9 @@ a hanging receiver that cannot slow the worker, and the API (secret shown once, 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,7 +24,7 @@ from service.settings import Settings
 from service.webhooks import SignatureError, deliver_due, verify_signature
 from service.worker import Worker
 
-from .api_support import job_config, make_api, upload
+from .api_support import free_port, job_config, make_api, upload, wait_until
 
 T = "t_a"
 
@@ -82,10 +81,7 @@ def receiving(answers: tuple[int, ...] = (), delay: float = 0.0) -> Iterator[Rec
 
 def _dead_url() -> str:
     """A loopback port nobody listens on: every connection is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/gone"
+    return f"http://127.0.0.1:{free_port()}/gone"
 
 
 @pytest.fixture
@@ -102,14 +98,6 @@ def _noop(engine: Engine, url: str | None, **spec: Any) -> store.Job:
 
 def _deliveries(engine: Engine, job: store.Job) -> list[webhooks.Delivery]:
     return webhooks.list_deliveries(engine, T, job_id=job.id)[0]
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 @contextmanager
@@ -139,7 +127,7 @@ def test_a_finished_job_posts_job_succeeded_signed_with_the_tenant_secret(
     assert secret is not None and secret.startswith("whsec_")
     with receiving() as rx, working(hooks):  # the worker's Deliverer thread sends the webhook
         job = _noop(engine, rx.url, steps=2)
-        _wait(lambda: len(rx.got) == 1, 10, "the webhook")
+        wait_until(lambda: len(rx.got) == 1, 10, "the webhook", poll=0.02)
     got = rx.got[0]
     assert got.headers["content-type"] == "application/json"
     assert got.headers["x-cltune-event"] == "job.succeeded"
@@ -263,9 +251,9 @@ def test_a_hanging_receiver_does_not_hold_up_the_worker(hooks: Settings, engine:
         jobs = [_noop(engine, rx.url) for _ in range(3)]
         t0 = time.monotonic()
         with working(hooks):
-            _wait(lambda: store.count_by_status(engine)["succeeded"] == 3, 10, "the jobs")
+            wait_until(lambda: store.count_by_status(engine)["succeeded"] == 3, 10, "the jobs", poll=0.02)
             elapsed = time.monotonic() - t0
-            _wait(lambda: len(rx.got) >= 1, 5, "the first POST")
+            wait_until(lambda: len(rx.got) >= 1, 5, "the first POST", poll=0.02)
     # had a POST run on the claim loop or in a supervisor, each job would wait for its timeout (1 s)
     assert elapsed < 1.5, elapsed
     errors = [d.last_error or "" for j in jobs for d in _deliveries(engine, j)]
@@ -299,7 +287,7 @@ def test_the_secret_is_shown_once_and_a_tenant_sees_only_its_own_deliveries(tmp_
         assert c.get("/v1/webhooks/deliveries", headers=hb).json()["total"] == 0
         other = c.get("/v1/webhooks/deliveries", params={"job_id": job}, headers=hb)
         assert other.status_code == 404 and other.json()["error"]["type"] == "not_found"
-        assert deliver_due(c.app.state.engine, api.settings) == 1  # type: ignore[attr-defined]
+        assert deliver_due(c.app.state.db, api.settings) == 1  # type: ignore[attr-defined]
     (got,) = rx.got
     header = got.headers["x-cltune-signature"]
     assert header.count("v1=") == 2  # new secret first, then the rotated-out one

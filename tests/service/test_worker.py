@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
-from service import store
+from service import layout, store
 from service.db import JobStatus
-from service.runner import run_dir_of
 from service.settings import Settings
 from service.worker import CANCEL_POLL_SECONDS, Worker
+
+from .api_support import ADD_ONE_ROWS, spawn_worker, training_config, wait_until, write_rows
 
 T = "t_a"
 
@@ -42,16 +40,8 @@ def _events(engine: Engine, job: store.Job) -> list[store.Event]:
     return store.list_events(engine, T, job.id)
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _executions(settings: Settings, job: store.Job) -> list[str]:
-    log = run_dir_of(settings.data_dir, job.id) / "noop.log"
+    log = layout.run_dir(settings.data_dir, job.id) / "noop.log"
     return log.read_text().splitlines() if log.exists() else []
 
 
@@ -110,11 +100,11 @@ def test_cancel_stops_a_running_job_within_one_step_and_a_queued_one_at_once(
     running = _noop(engine, priority=1, steps=1000, step_seconds=step_s)
     queued = _noop(engine, priority=0)
     t = _start(_worker(settings), max_jobs=1)
-    _wait(lambda: _running_step(engine, running) >= 1, 30, "the first step")
+    wait_until(lambda: _running_step(engine, running) >= 1, 30, "the first step")
     assert store.request_cancel(engine, T, queued.id).status is JobStatus.CANCELLED
     t0 = time.monotonic()
     store.request_cancel(engine, T, running.id)
-    _wait(lambda: store.get_job(engine, T, running.id).status is JobStatus.CANCELLED, 10, "the cancel")
+    wait_until(lambda: store.get_job(engine, T, running.id).status is JobStatus.CANCELLED, 10, "the cancel")
     elapsed = time.monotonic() - t0
     t.join(10)
     # seen within one cancel poll, honoured before the next step; 0.5 s slack for a busy 2-core machine
@@ -129,10 +119,10 @@ def test_a_job_that_ignores_the_stop_is_killed_after_the_grace_period(
     settings = settings.model_copy(update={"cancel_grace_seconds": 1.0})
     job = _noop(engine, steps=1000, step_seconds=0.05, ignore_stop=True)
     t = _start(_worker(settings), max_jobs=1)
-    _wait(lambda: _running_step(engine, job) >= 1, 30, "the first step")
+    wait_until(lambda: _running_step(engine, job) >= 1, 30, "the first step")
     t0 = time.monotonic()
     store.request_cancel(engine, T, job.id)
-    _wait(lambda: store.get_job(engine, T, job.id).status is JobStatus.CANCELLED, 10, "the kill")
+    wait_until(lambda: store.get_job(engine, T, job.id).status is JobStatus.CANCELLED, 10, "the kill")
     elapsed = time.monotonic() - t0
     t.join(10)
     assert 1.0 <= elapsed < 1.0 + CANCEL_POLL_SECONDS + 1.0, elapsed
@@ -145,44 +135,16 @@ def test_a_worker_told_to_stop_hands_its_job_back_without_spending_an_attempt(
     job = _noop(engine, steps=1000, step_seconds=0.05)
     worker = _worker(settings)
     t = _start(worker)
-    _wait(lambda: _running_step(engine, job) >= 1, 30, "the first step")
+    wait_until(lambda: _running_step(engine, job) >= 1, 30, "the first step")
     worker.stop()
     t.join(10)
     back = store.get_job(engine, T, job.id)
     assert back.status is JobStatus.QUEUED and back.attempts == 0 and back.lease_owner is None
 
 
-def _worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "CLTUNE_DATABASE_URL": settings.db_url,
-        "CLTUNE_DATA_DIR": str(settings.data_dir),
-        "CLTUNE_LEASE_SECONDS": str(settings.lease_seconds),
-        "CLTUNE_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-        "OMP_NUM_THREADS": "1",
-        **extra,
-    }
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
-    return env
-
-
-# `-c`, not `-m service.worker`: a spawned job process re-imports a named __main__ module (sqlalchemy
-# and all) before it starts; a `-c` main has nothing to re-import. `cltune worker` behaves like `-c`.
-WORKER_MAIN = "import sys; from service.worker import main; sys.exit(main(sys.argv[1:]))"
-
-
-def _spawn_worker(settings: Settings, wid: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-c", WORKER_MAIN, "--id", wid, "--poll", "0.05", *args],
-        env=_worker_env(settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def _drain_with_four_workers(settings: Settings, engine: Engine, n_jobs: int, *args: str) -> None:
     jobs = [_noop(engine) for _ in range(n_jobs)]
-    procs = [_spawn_worker(settings, f"w{i}", "--burst", *args) for i in range(4)]
+    procs = [spawn_worker(settings, f"w{i}", "--burst", *args) for i in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()[-2000:]
@@ -210,30 +172,9 @@ def test_four_worker_processes_with_a_child_per_job_run_each_of_200_jobs_exactly
 
 
 def _training_job(settings: Settings, engine: Engine, steps: int, **train: Any) -> store.Job:
-    import json
-
-    data = settings.data_dir / "a.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text("\n".join(json.dumps(r) for r in TRAIN_ROWS) + "\n")
-    config = {
-        "model": {"name": "tiny-llama", "device": "cpu"},
-        "lora": {"r": 4, "alpha": 8},
-        "tasks": [{"name": "a", "train": str(data), "max_eval": 4}],
-        "train": {"steps": steps, "batch_size": 4, "max_len": 64, **train},
-        "eval": {"max_new_tokens": 4, "heatmap": False},
-    }
+    data = write_rows(settings.data_dir / "a.jsonl", ADD_ONE_ROWS)
+    config = training_config(str(data), steps, max_new_tokens=4, **train)
     return store.enqueue(engine, T, {"config": config}, config)
-
-
-TRAIN_ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"add one to {i}"},
-            {"role": "assistant", "content": str(i + 1)},
-        ]
-    }
-    for i in range(16)
-]
 
 
 @pytest.mark.slow
@@ -242,13 +183,13 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_on_another_wor
 ) -> None:
     settings = settings.model_copy(update={"lease_seconds": 3.0})
     job = _training_job(settings, engine, 40, checkpoint_every=1)
-    first = _spawn_worker(settings, "doomed")
-    _wait(lambda: _running_step(engine, job) >= 3, 120, "step 3 of attempt 1")
+    first = spawn_worker(settings, "doomed")
+    wait_until(lambda: _running_step(engine, job) >= 3, 120, "step 3 of attempt 1")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     killed_at = _running_step(engine, job)
     # a --burst worker leaves on an empty queue: start it once the dead worker's lease has run out
-    _wait(
+    wait_until(
         lambda: (
             job.id in store.requeue_expired(engine)
             or store.get_job(engine, T, job.id).status is JobStatus.QUEUED
@@ -256,7 +197,7 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_on_another_wor
         30,
         "the lease to expire",
     )
-    second = _spawn_worker(settings, "rescuer", "--burst")
+    second = spawn_worker(settings, "rescuer", "--burst")
     _, err = second.communicate(timeout=240)
     assert second.returncode == 0, err.decode()[-2000:]
     done = store.get_job(engine, T, job.id)
@@ -276,13 +217,13 @@ def test_cancel_stops_a_training_job_within_one_step(settings: Settings, engine:
     job = _training_job(settings, engine, 10_000)
     queued = _noop(engine, priority=-1)
     t = _start(_worker(settings), max_jobs=1)
-    _wait(lambda: _running_step(engine, job) >= 3, 120, "step 3")
+    wait_until(lambda: _running_step(engine, job) >= 3, 120, "step 3")
     ts = [e.ts for e in _events(engine, job) if e.type == "progress"]
     step_s = (ts[-1] - ts[0]).total_seconds() / (len(ts) - 1)
     assert store.request_cancel(engine, T, queued.id).status is JobStatus.CANCELLED
     t0 = time.monotonic()
     store.request_cancel(engine, T, job.id)
-    _wait(lambda: store.get_job(engine, T, job.id).status is JobStatus.CANCELLED, 60, "the cancel")
+    wait_until(lambda: store.get_job(engine, T, job.id).status is JobStatus.CANCELLED, 60, "the cancel")
     elapsed = time.monotonic() - t0
     t.join(60)
     print(f"step {step_s:.3f}s; cancelled after {elapsed:.2f}s")
@@ -294,15 +235,15 @@ def test_a_deterministic_error_at_run_time_fails_the_job_once_with_its_reason(
     settings: Settings, engine: Engine, tmp_path: Path
 ) -> None:
     """A bad module name (checked at submit, but a job may predate the check) or bad data fails at once:
-    another attempt would fail the same way. The reason names no server path."""
-    data = tmp_path / "ds_0123456789abcdef.jsonl"
+    another attempt would fail the same way. The reason names no server path, only the dataset's id."""
+    data = tmp_path / "ds_0123456789abcdef.jsonl"  # a library job's path
     data.write_text('{"prompt": "q", "completion": "a"}\n' * 4)
-    bad_data = settings.data_dir / "datasets" / T / "ds_fedcba9876543210.jsonl"
+    bad_data = layout.dataset_path(settings.data_dir, T, "ds_fedcba9876543210")  # an upload, by id
     bad_data.parent.mkdir(parents=True)
     bad_data.write_text('{"prompt": "q"}\n')
     cases = {
         "module": ({"target_modules": ["nope"]}, str(data), "nope"),
-        "data": ({}, str(bad_data), "completion"),
+        "data": ({}, bad_data.stem, "completion"),
     }
     jobs = {}
     for case, (lora, path, _) in cases.items():

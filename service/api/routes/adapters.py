@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
@@ -25,15 +25,15 @@ from cltune.config import NAME_RE, check_name
 from cltune.models import CATALOG
 from cltune.registry import AdapterRecord, Registry
 from service import artifacts
-from service.api.deps import RegistryDep, SettingsDep, TenantDep
+from service.api.deps import InferenceDep, RegistryDep, SettingsDep, TenantDep
 from service.api.errors import ApiError
 from service.api.schemas import AdapterList, AdapterPublic, ErrorResponse
 from service.api.uploads import Received, receive_multipart, receive_raw, too_large, upload_doc
+from service.layout import adapters_prefix
 from service.settings import Settings
-from service.vllm_backend import backend_of
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 404, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (401, 404, 422)}
 Version = Annotated[int | None, Query(ge=1, description="default: the latest version")]
 Name = Annotated[  # the pattern is stated for clients; check_name refuses other names with 422
     str, PathParam(description="an adapter name", json_schema_extra={"pattern": NAME_RE.pattern})
@@ -53,7 +53,9 @@ ARCHIVE_TYPES = (  # raw bodies; the format is read from the archive's first byt
     "application/x-zip-compressed",
     "application/octet-stream",
 )
-IMPORT_ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 409, 413, 415, 422)}
+IMPORT_ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 409, 413, 415, 422)
+}
 IMPORT_HINT = "an adapter archive holds its peft files; raise CLTUNE_MAX_ADAPTER_UPLOAD_BYTES for larger ones"
 IMPORT_EXAMPLE = "send the archive as -F file=@adapter.tar.gz -F name=NAME"
 IMPORT_DOC = upload_doc(
@@ -128,7 +130,7 @@ async def import_adapter(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return AdapterPublic.of(record)
+    return AdapterPublic.model_validate(record)
 
 
 def _import(
@@ -144,7 +146,7 @@ def _import(
     """Check and publish; with a shared artifact store the version number is claimed there and the new
     version pushed, as the runner does after registering, so every host serves it."""
     store = artifacts.store_from_settings(settings)
-    prefix = artifacts.adapters_prefix(tenant)
+    prefix = adapters_prefix(tenant)
     if store is not None:
         registry = Registry(registry.root, claim=lambda n, v: claim_version(store, prefix, n, v, "import"))
     record = import_archive(
@@ -169,25 +171,25 @@ def _import(
 @router.get("", response_model=AdapterList, responses=ERRORS)
 def list_adapters(registry: RegistryDep) -> AdapterList:
     """The latest version of each of your adapters."""
-    return AdapterList(items=[AdapterPublic.of(r) for r in registry.list()])
+    return AdapterList(items=[AdapterPublic.model_validate(r) for r in registry.list()])
 
 
 @router.get("/{name}", response_model=AdapterPublic, responses=ERRORS)
 def get_adapter(name: Name, registry: RegistryDep, version: Version = None) -> AdapterPublic:
-    return AdapterPublic.of(registry.get(name, version))
+    return AdapterPublic.model_validate(registry.get(name, version))
 
 
 @router.get("/{name}/versions", response_model=AdapterList, responses=ERRORS)
 def list_versions(name: Name, registry: RegistryDep) -> AdapterList:
     """Every version of one adapter, oldest first (404 if there is none)."""
     registry.path(name)  # raises NotFoundError when the name has no versions
-    records = registry.history(name)  # Registry.list (a method) shadows `list` in its annotations for mypy
-    return AdapterList(items=[AdapterPublic.of(r) for r in records])  # type: ignore[attr-defined]
+    records = registry.history(name)
+    return AdapterList(items=[AdapterPublic.model_validate(r) for r in records])
 
 
 @router.get("/{name}/versions/{version}", response_model=AdapterPublic, responses=ERRORS)
 def get_version(name: Name, version: int, registry: RegistryDep) -> AdapterPublic:
-    return AdapterPublic.of(registry.get(name, version))
+    return AdapterPublic.model_validate(registry.get(name, version))
 
 
 @router.get(
@@ -229,17 +231,17 @@ def _archive(src: Path, root: str, fmt: ArchiveFormat) -> Path:
 @router.delete("/{name}", status_code=204, responses=ERRORS)
 def delete_adapter(
     name: Name,
-    request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
     tenant: TenantDep,
+    inference: InferenceDep,
     version: Version = None,
 ) -> Response:
     """Delete one version, or every version of the adapter when `version` is omitted."""
     deleted = registry.delete(name, version)
-    if (vllm := backend_of(request.app)) is not None:  # CLTUNE_ENGINE_BACKEND=vllm: unload it there
+    if (vllm := inference.vllm()) is not None:  # CLTUNE_ENGINE_BACKEND=vllm: unload it there
         vllm.drop(tenant, name, deleted)
     store = artifacts.store_from_settings(settings)
     if store is not None:  # else another host's copy would be pulled back in
-        delete_shared(store, artifacts.adapters_prefix(tenant), name, version)
+        delete_shared(store, adapters_prefix(tenant), name, version)
     return Response(status_code=204)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import artifacts, datasets
-from service.api.deps import EngineDep, SettingsDep, TenantDep
+from service.api.deps import DbDep, SettingsDep, TenantDep
 from service.api.errors import ApiError
 from service.api.schemas import MAX_LIMIT, MAX_OFFSET, DatasetList, DatasetPublic, ErrorResponse
 from service.api.uploads import RAW_TYPES, Received, receive_multipart, receive_raw, too_large, upload_doc
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 415, 422)
+}
 UPLOAD_DOC = upload_doc({"name": {"type": "string"}}, ("application/x-ndjson",))
 
 
@@ -23,7 +25,7 @@ UPLOAD_DOC = upload_doc({"name": {"type": "string"}}, ("application/x-ndjson",))
 async def upload_dataset(
     request: Request,
     settings: SettingsDep,
-    engine: EngineDep,
+    db: DbDep,
     tenant: TenantDep,
     name: Annotated[
         str | None,
@@ -69,36 +71,38 @@ async def upload_dataset(
                 field="name",
             )
         ds = await run_in_threadpool(
-            datasets.publish, engine, settings, tenant, ds_id, ds_name, staged, got.size, got.sha256
+            datasets.publish, db, settings, tenant, ds_id, ds_name, staged, got.size, got.sha256
         )
     except BaseException:  # refused, or the client went away: nothing of it stays
         staged.unlink(missing_ok=True)
         raise
     finally:
         os.close(lock)
-    await run_in_threadpool(artifacts.put_dataset, settings, tenant, ds.path)  # for workers on other hosts
-    return DatasetPublic.of(ds)
+    await run_in_threadpool(artifacts.put_dataset, settings, tenant, ds.id)  # for workers on other hosts
+    return DatasetPublic.model_validate(ds)
 
 
 @router.get("", response_model=DatasetList, responses=ERRORS)
 def list_datasets(
-    engine: EngineDep,
+    db: DbDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetList:
-    items, total = datasets.list_datasets(engine, tenant, limit, offset)
-    return DatasetList(items=[DatasetPublic.of(d) for d in items], total=total, limit=limit, offset=offset)
+    items, total = datasets.list_datasets(db, tenant, limit, offset)
+    return DatasetList(
+        items=[DatasetPublic.model_validate(d) for d in items], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=ERRORS)
-def get_dataset(dataset_id: str, engine: EngineDep, tenant: TenantDep) -> DatasetPublic:
-    return DatasetPublic.of(datasets.get_dataset(engine, tenant, dataset_id))
+def get_dataset(dataset_id: str, db: DbDep, tenant: TenantDep) -> DatasetPublic:
+    return DatasetPublic.model_validate(datasets.get_dataset(db, tenant, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=ERRORS)
-def delete_dataset(dataset_id: str, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+def delete_dataset(dataset_id: str, db: DbDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """Delete a dataset and its file (409 while a queued or running job uses it)."""
-    ds = datasets.delete_dataset(engine, tenant, dataset_id)
-    artifacts.delete_dataset(settings, tenant, ds.path)
+    ds = datasets.delete_dataset(db, tenant, dataset_id)
+    artifacts.delete_dataset(settings, tenant, ds.id)
     return Response(status_code=204)

@@ -7,17 +7,17 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from service.api.deps import EngineDep
+from service.api.deps import DbDep
 from service.api.schemas import Health
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-def healthz(engine: EngineDep) -> Response:
+def healthz(db: DbDep) -> Response:
     """200 when the API can reach its database, else 503."""
     try:
-        with engine.connect() as conn:
+        with db.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as e:  # any database failure means "not healthy", never a 500
         return JSONResponse(

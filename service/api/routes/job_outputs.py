@@ -23,7 +23,7 @@ from cltune import checkpoints
 from cltune.config import check_name
 from cltune.errors import NotFoundError
 from service import artifacts, store
-from service.api.deps import EngineDep, SettingsDep, TenantDep
+from service.api.deps import DbDep, SettingsDep, TenantDep
 from service.api.schemas import (
     AdapterPublic,
     CheckpointList,
@@ -34,8 +34,8 @@ from service.api.schemas import (
 from service.store import Event
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (401, 404, 409, 422)}
-BODY_ERRORS: dict[int | str, dict] = {**ERRORS, **{c: {"model": ErrorResponse} for c in (400, 415)}}
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (401, 404, 409, 422)}
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{c: {"model": ErrorResponse} for c in (400, 415)}}
 PROGRESS = "progress.json"
 EVENT_PAGE = 500
 MAX_EVENTS = 1_000_000  # a job logs one progress event per step: far more steps than any task takes
@@ -59,13 +59,11 @@ PLOT_FILES = {Plot.HEATMAP: "R.png", Plot.CURVES: "curves.png"}
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
-def list_checkpoints(
-    job_id: str, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
-) -> CheckpointList:
+def list_checkpoints(job_id: str, db: DbDep, settings: SettingsDep, tenant: TenantDep) -> CheckpointList:
     """The servable checkpoints the job has kept so far (`train.keep_checkpoints` per task: the most
     recent ones and the best), in task then step order; `registered` marks the one each finished task
     registered."""
-    store.get_job(engine, tenant, job_id)  # 404 for another tenant's job
+    store.get_job(db, tenant, job_id)  # 404 for another tenant's job
     run = artifacts.run_files(
         settings,
         job_id,
@@ -84,12 +82,12 @@ def list_checkpoints(
     "/{job_id}/checkpoints/publish", status_code=201, response_model=AdapterPublic, responses=BODY_ERRORS
 )
 def publish_checkpoint(
-    job_id: str, body: CheckpointPublish, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
+    job_id: str, body: CheckpointPublish, db: DbDep, settings: SettingsDep, tenant: TenantDep
 ) -> AdapterPublic:
     """Register one kept checkpoint as the next version of `name` (default: the task's adapter name),
     served like any adapter. Its record keeps the task's lineage (`parent`) and says which step it is
     (`notes.checkpoint_step`, `notes.checkpoint_of`: this job)."""
-    store.get_job(engine, tenant, job_id)
+    store.get_job(db, tenant, job_id)
     if body.name is not None:
         check_name(body.name, "adapter name")
     folder = f"/{checkpoints.step_name(body.step)}/"
@@ -109,7 +107,7 @@ def publish_checkpoint(
             registry, run, body.task, body.step, name=body.name, created_by=job_id, registered=registered
         ),
     )
-    return AdapterPublic.of(rec)
+    return AdapterPublic.model_validate(rec)
 
 
 def _registered(run: Path) -> dict[str, dict[str, Any]]:
@@ -128,7 +126,7 @@ def _registered(run: Path) -> dict[str, dict[str, Any]]:
 )
 def job_metrics(
     job_id: str,
-    engine: EngineDep,
+    db: DbDep,
     tenant: TenantDep,
     format: Annotated[MetricsFormat, Query(description="json: {columns, rows}; csv: one row per step")] = (
         MetricsFormat.JSON
@@ -137,7 +135,7 @@ def job_metrics(
     """One row per logged training step: task, step, loss and its parts, lr, tokens/s, and where it was
     measured at that step the validation value (`steps: auto`) and the held-out score (`eval_every`).
     Live while the job runs; a retried attempt's steps replace the earlier attempt's."""
-    rows = metric_rows(_all_events(engine, tenant, job_id))
+    rows = metric_rows(_all_events(db, tenant, job_id))
     columns = _columns(rows)
     if format is MetricsFormat.CSV:
         out = io.StringIO()
@@ -150,10 +148,10 @@ def job_metrics(
     )
 
 
-def _all_events(engine: Engine, tenant: str, job_id: str) -> Iterator[Event]:
+def _all_events(db: Engine, tenant: str, job_id: str) -> Iterator[Event]:
     after, seen = 0, 0
     while seen < MAX_EVENTS:
-        page = store.list_events(engine, tenant, job_id, after, EVENT_PAGE)  # 404 for another tenant's job
+        page = store.list_events(db, tenant, job_id, after, EVENT_PAGE)  # 404 for another tenant's job
         yield from page
         if len(page) < EVENT_PAGE:
             return
@@ -194,12 +192,10 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}}, **ERRORS},
 )
-def job_plot(
-    job_id: str, plot: Plot, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
-) -> FileResponse:
+def job_plot(job_id: str, plot: Plot, db: DbDep, settings: SettingsDep, tenant: TenantDep) -> FileResponse:
     """`heatmap`: every task's score after each task, with the general-ability columns; `curves`: the
     train loss and validation of each task. Written when the job has finished (`eval.heatmap`)."""
-    job = store.get_job(engine, tenant, job_id)
+    job = store.get_job(db, tenant, job_id)
     name = PLOT_FILES[plot]
     path = artifacts.run_files(settings, job_id, lambda rel: rel == name) / name
     if not path.is_file():
@@ -216,10 +212,10 @@ def job_plot(
     response_class=FileResponse,
     responses={200: {"content": {"application/gzip": {}}}, **ERRORS},
 )
-def job_tensorboard(job_id: str, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> FileResponse:
+def job_tensorboard(job_id: str, db: DbDep, settings: SettingsDep, tenant: TenantDep) -> FileResponse:
     """The job's TensorBoard event files (`train.tensorboard: true`) as a tar.gz: unpack it and run
     `tensorboard --logdir <folder>`. Live while the job runs (as of its last synced point)."""
-    store.get_job(engine, tenant, job_id)
+    store.get_job(db, tenant, job_id)
     run = artifacts.run_files(settings, job_id, lambda rel: rel.startswith("tensorboard/"))
     files = sorted(p for p in (run / "tensorboard").glob("*") if p.is_file())
     if not files:

@@ -21,8 +21,8 @@ from cltune.errors import ConfigError, ConflictError
 from cltune.models import CATALOG
 from cltune.stats import summarize_results
 from service import preflight, store
-from service.api.deps import EngineDep, SettingsDep, TenantDep
-from service.api.errors import ApiError, with_valid_ranges
+from service.api.deps import DbDep, SettingsDep, TenantDep
+from service.api.errors import ApiError
 from service.api.schemas import (
     MAX_EVENT_ID,
     MAX_LIMIT,
@@ -34,35 +34,38 @@ from service.api.schemas import (
     JobList,
     JobPublic,
 )
-from service.datasets import DATASET_FIELDS, find_datasets
+from service.datasets import find_datasets
 from service.db import TERMINAL, JobStatus
 from service.init_adapters import resolve_init_adapter
+from service.layout import DATASET_FIELDS
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS: dict[int | str, dict] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 415, 422)
+}
 EVENT_PAGE = 500
 
 
-def resolve_config(engine: Engine, settings: Settings, tenant: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Replace the tenant's dataset ids with their files and validate the result as a RunConfig.
+def resolve_config(db: Engine, settings: Settings, tenant: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Check that the config's dataset ids are the tenant's datasets and validate it as a RunConfig.
 
-    Returns the RunConfig JSON the runner trains. Raises ConfigError listing every problem at once:
-    unknown dataset ids, models outside the catalog, and each invalid field with its valid range.
+    Returns the RunConfig JSON the runner trains, defaults filled in. Datasets stay named by id: the
+    runner resolves them to files on the host where it runs (service/layout.py). Raises ConfigError
+    listing every problem at once: unknown dataset ids, models outside the catalog, and each invalid
+    field with its valid range.
     """
     cfg = copy.deepcopy(config)
     errors: list[dict[str, Any]] = []
     tasks: list[Any] = cfg["tasks"] if isinstance(cfg.get("tasks"), list) else []
     refs = {t[f] for t in tasks if isinstance(t, dict) for f in DATASET_FIELDS if isinstance(t.get(f), str)}
-    owned = find_datasets(engine, tenant, refs)
+    owned = find_datasets(db, tenant, refs)
     for i, task in enumerate(tasks):
         for f in DATASET_FIELDS if isinstance(task, dict) else ():
             ref = task.get(f)
             if ref is None:
                 continue
-            if isinstance(ref, str) and ref in owned:
-                task[f] = owned[ref].path
-            else:
+            if not (isinstance(ref, str) and ref in owned):
                 errors.append(
                     {
                         "field": f"tasks.{i}.{f}",
@@ -87,7 +90,7 @@ def resolve_config(engine: Engine, settings: Settings, tenant: str, config: dict
         parsed = parse_config(cfg)
         resolved = parsed.model_dump(mode="json")
     except ConfigError as e:
-        errors += [e for e in with_valid_ranges(e, cfg).details["errors"] if not _non_finite_input(e)]
+        errors += [x for x in e.details["errors"] if not _non_finite_input(x)]
     else:
         errors += preflight.check_job(parsed, settings)
     if errors:
@@ -102,12 +105,12 @@ def _non_finite_input(error: dict[str, Any]) -> bool:
 
 
 @router.post("", status_code=201, response_model=JobPublic, responses=ERRORS)
-def create_job(body: JobCreate, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> JobPublic:
+def create_job(body: JobCreate, db: DbDep, settings: SettingsDep, tenant: TenantDep) -> JobPublic:
     """Validate a RunConfig that names your datasets by id, then queue it."""
-    config = resolve_config(engine, settings, tenant, body.config)
+    config = resolve_config(db, settings, tenant, body.config)
     spec = body.model_dump(mode="json")
     job = store.enqueue(  # re-checks the datasets in its transaction: a DELETE may have come in between
-        engine,
+        db,
         tenant,
         spec,
         config,
@@ -115,25 +118,25 @@ def create_job(body: JobCreate, engine: EngineDep, settings: SettingsDep, tenant
         body.max_attempts or settings.max_attempts,
         check_datasets=True,
     )
-    return JobPublic.of(job)
+    return JobPublic.model_validate(job)
 
 
 @router.get("", response_model=JobList, responses=ERRORS)
 def list_jobs(
-    engine: EngineDep,
+    db: DbDep,
     tenant: TenantDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobList:
     """Your jobs, newest first; filter by `status`."""
-    jobs, total = store.list_jobs(engine, tenant, status, limit, offset)
-    return JobList(items=[JobPublic.of(j) for j in jobs], total=total, limit=limit, offset=offset)
+    jobs, total = store.list_jobs(db, tenant, status, limit, offset)
+    return JobList(items=[JobPublic.model_validate(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
 @router.get("/summary", responses=ERRORS)
 def summarize_jobs(
-    engine: EngineDep,
+    db: DbDep,
     tenant: TenantDep,
     ids: Annotated[
         list[str], Query(min_length=1, max_length=50, description="succeeded jobs: one config, several seeds")
@@ -146,17 +149,17 @@ def summarize_jobs(
     score and each general-ability retention, for repeated jobs of one configuration (e.g. seeds
     0, 1, 2). With `baseline` jobs: per metric "better", "worse" or "no measurable difference"
     (intervals that overlap make no claim)."""
-    runs, base = _results(engine, tenant, ids), _results(engine, tenant, baseline or [])
+    runs, base = _results(db, tenant, ids), _results(db, tenant, baseline or [])
     try:
         return {"jobs": ids, "baseline_jobs": baseline or [], **summarize_results(runs, base or None)}
     except ValueError as e:  # jobs of different task sequences
         raise ConflictError(f"cannot summarise these jobs together: {e}", jobs=ids) from None
 
 
-def _results(engine: Engine, tenant: str, ids: list[str]) -> list[dict[str, Any]]:
+def _results(db: Engine, tenant: str, ids: list[str]) -> list[dict[str, Any]]:
     out = []
     for job_id in ids:
-        job = store.get_job(engine, tenant, job_id)  # 404 for another tenant's job
+        job = store.get_job(db, tenant, job_id)  # 404 for another tenant's job
         if job.status != JobStatus.SUCCEEDED or not job.result or not job.result.get("metrics"):
             raise ConflictError(
                 f"job {job_id!r} is {job.status.value}: only succeeded jobs with CL metrics can be summarised",
@@ -168,22 +171,23 @@ def _results(engine: Engine, tenant: str, ids: list[str]) -> list[dict[str, Any]
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-def get_job(job_id: str, engine: EngineDep, tenant: TenantDep) -> JobPublic:
-    return JobPublic.of(store.get_job(engine, tenant, job_id))
+def get_job(job_id: str, db: DbDep, tenant: TenantDep) -> JobPublic:
+    return JobPublic.model_validate(store.get_job(db, tenant, job_id))
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
 def list_events(
     job_id: str,
-    engine: EngineDep,
+    db: DbDep,
     tenant: TenantDep,
     after_id: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=EVENT_PAGE)] = EVENT_PAGE,
 ) -> EventList:
     """The job's events with id > `after_id`, oldest first."""
-    events = store.list_events(engine, tenant, job_id, after_id, limit)
+    events = store.list_events(db, tenant, job_id, after_id, limit)
     return EventList(
-        items=[EventPublic.of(e) for e in events], next_after_id=events[-1].id if events else after_id
+        items=[EventPublic.model_validate(e) for e in events],
+        next_after_id=events[-1].id if events else after_id,
     )
 
 
@@ -191,7 +195,7 @@ def list_events(
 async def stream_events(
     job_id: str,
     request: Request,
-    engine: EngineDep,
+    db: DbDep,
     settings: SettingsDep,
     tenant: TenantDep,
     after_id: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
@@ -213,10 +217,10 @@ async def stream_events(
             f"header Last-Event-ID must be an event id 0..{MAX_EVENT_ID} (as sent in `id:`), got {last[:40]!r}",
             field="last-event-id",
         )
-    await run_in_threadpool(store.get_job, engine, tenant, job_id)  # 404 before the stream starts
+    await run_in_threadpool(store.get_job, db, tenant, job_id)  # 404 before the stream starts
     cursor = max(after_id, int(last) if last else 0)
     return StreamingResponse(
-        _sse(request, engine, settings, tenant, job_id, cursor),
+        _sse(request, db, settings, tenant, job_id, cursor),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -228,15 +232,15 @@ def _frame(event: str, data: dict[str, Any], event_id: int | None = None) -> str
 
 
 async def _sse(
-    request: Request, engine: Engine, settings: Settings, tenant: str, job_id: str, cursor: int
+    request: Request, db: Engine, settings: Settings, tenant: str, job_id: str, cursor: int
 ) -> AsyncIterator[str]:
     quiet_since = time.monotonic()
     while not await request.is_disconnected():
         # status first, then events: every event written before the final transition is read below
-        job = await run_in_threadpool(store.get_job, engine, tenant, job_id)
-        events = await run_in_threadpool(store.list_events, engine, tenant, job_id, cursor, EVENT_PAGE)
+        job = await run_in_threadpool(store.get_job, db, tenant, job_id)
+        events = await run_in_threadpool(store.list_events, db, tenant, job_id, cursor, EVENT_PAGE)
         for e in events:
-            yield _frame(e.type, EventPublic.of(e).model_dump(mode="json"), e.id)
+            yield _frame(e.type, EventPublic.model_validate(e).model_dump(mode="json"), e.id)
             cursor = e.id
         if len(events) == EVENT_PAGE:
             continue
@@ -252,13 +256,13 @@ async def _sse(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
-def cancel_job(job_id: str, engine: EngineDep, tenant: TenantDep) -> JobPublic:
+def cancel_job(job_id: str, db: DbDep, tenant: TenantDep) -> JobPublic:
     """A queued job is cancelled at once; a running one stops within one step (then is killed after the
     grace period). 409 if it already finished."""
-    return JobPublic.of(store.request_cancel(engine, tenant, job_id))
+    return JobPublic.model_validate(store.request_cancel(db, tenant, job_id))
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic, responses=ERRORS)
-def retry_job(job_id: str, engine: EngineDep, tenant: TenantDep) -> JobPublic:
+def retry_job(job_id: str, db: DbDep, tenant: TenantDep) -> JobPublic:
     """Re-queue a failed or cancelled job (it resumes from its last checkpoint). 409 otherwise."""
-    return JobPublic.of(store.retry(engine, tenant, job_id))
+    return JobPublic.model_validate(store.retry(db, tenant, job_id))

@@ -3,8 +3,9 @@
 `model` is an adapter name (its latest version), `name@version`, `base`, or `auto` (the router picks by
 instruction similarity). The answer names the adapter that served it in `model` and in the
 `x-cltune-adapter` header (`auto` adds `x-cltune-route-score` and `x-cltune-route-reason`). A caller
-reaches only its own tenant's adapters. Errors use OpenAI's shape, which is also the API's:
-`{"error": {"type", "message", "param", "code"}}`.
+reaches only its own tenant's adapters. `n` (1-8) choices of a prompt share its prefill. Both endpoints
+answer through one builder (`Answer`: the JSON body and the SSE chunks). Errors use OpenAI's shape, which
+is also the API's: `{"error": {"type", "message", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -12,30 +13,25 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from cltune.config import ModelConfig
 from cltune.data import encode_prompt
 from cltune.errors import InvalidNameError, NotFoundError
-from cltune.models import load_model
-from cltune.registry import Registry
 from cltune.router import AUTO, BASE, Route, RouterParams, choose
-from service.api.deps import RegistryDep, SettingsDep, TenantDep
+from service.api.deps import InferenceDep, RegistryDep, SettingsDep, TenantDep
 from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse
-from service.engine import Completion, Engine, EngineParams, GenRequest, SamplingParams
+from service.inference import Completion, Engine, GenRequest, Inference, SamplingParams, payload
 from service.settings import Settings
-from service.vllm_backend import backend_of, payload
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 415, 422)
@@ -90,7 +86,7 @@ class _OpenAIIn(BaseModel):
     max_tokens: int | None = _doc(minimum=1, description="default 16; at most CLTUNE_ENGINE_MAX_TOKENS")
     temperature: float | None = _doc(minimum=0, maximum=2)
     top_p: float | None = _doc(exclusiveMinimum=0, maximum=1)
-    n: int | None = _doc(minimum=1, maximum=1)
+    n: int | None = _doc(minimum=1, maximum=8, description="choices per prompt (one prefill shared)")
     stop: str | list[str] | None = _doc(maxItems=4)
     seed: int | None = _doc(minimum=0, maximum=2**63 - 1)
     stream: bool = False
@@ -130,55 +126,7 @@ class ChatCompletionCreate(_OpenAIIn):
     max_completion_tokens: int | None = _doc(minimum=1, description="max_tokens under its newer name")
 
 
-# ---------------------------------------------------------------- the engine, created once per app
-
-
-def _engine_params(settings: Settings) -> EngineParams:
-    return EngineParams(
-        max_adapters=settings.engine_max_adapters,
-        max_batch=settings.engine_max_batch,
-        max_wait_ms=settings.engine_max_wait_ms,
-        max_tokens_limit=settings.engine_max_tokens,
-    )
-
-
-_create_lock = threading.Lock()
-
-
-def inference_engine(app: FastAPI) -> Engine:
-    """The app's engine; loads the base model on first use (or at start-up with engine_preload)."""
-    engine: Engine | None = getattr(app.state, "inference", None)
-    if engine is not None:
-        return engine
-    with _create_lock:
-        engine = getattr(app.state, "inference", None)
-        if engine is None:
-            settings: Settings = app.state.settings
-            loaded = load_model(
-                ModelConfig(name=settings.engine_model, device=settings.engine_device),
-                cache_dir=settings.models_dir,
-            )
-            engine = Engine(
-                loaded, lambda tenant: Registry(settings.adapters_dir(tenant)), _engine_params(settings)
-            )
-            app.state.inference = engine
-    return engine
-
-
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    if app.state.settings.engine_preload and app.state.settings.engine_backend == "embedded":
-        await run_in_threadpool(inference_engine, app)
-    yield
-    vllm = getattr(app.state, "vllm", None)
-    if vllm is not None:
-        await vllm.aclose()
-    engine: Engine | None = getattr(app.state, "inference", None)
-    if engine is not None:
-        await run_in_threadpool(engine.close)
-
-
-router = APIRouter(prefix="/v1", tags=["inference"], lifespan=_lifespan)
+router = APIRouter(prefix="/v1", tags=["inference"])
 
 
 # ---------------------------------------------------------------- request -> engine requests
@@ -240,9 +188,10 @@ def _check_text(value: Any, path: str = "") -> None:
             _check_text(v, f"{path}.{i}")
 
 
+N_MAX = 8  # the most choices (`n`) one request may ask for per prompt
+
+
 def _sampling(body: _OpenAIIn, max_tokens: int | None, limit: int) -> SamplingParams:
-    if body.n not in (None, 1):
-        raise _bad(f"n={body.n} is not supported: send one request per completion", "n")
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     fields = {
         "max_tokens": max_tokens if max_tokens is not None else 16,
@@ -262,13 +211,26 @@ def _sampling(body: _OpenAIIn, max_tokens: int | None, limit: int) -> SamplingPa
     return sp
 
 
-async def _route(model: str, instruction: str, tenant: str, registry: Registry, request: Request) -> Route:
-    settings: Settings = request.app.state.settings
+def _choices(body: _OpenAIIn, settings: Settings) -> int:
+    """`n`, the choices per prompt: 1 to N_MAX (and to CLTUNE_ENGINE_MAX_BATCH, all generated together)."""
+    most = min(N_MAX, settings.engine_max_batch)
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= most:
+        raise _bad(f"n={n} is outside 1-{most}: this server generates at most {most} choices per prompt", "n")
+    return n
+
+
+async def _route(
+    model: str, instruction: str, tenant: str, inference: Inference, settings: Settings
+) -> Route:
+    """The adapter that serves `model` for `tenant` (its registry is first brought up to date with the
+    shared store, as far as `model` needs)."""
     params = RouterParams(
         backend=settings.router_backend,
         threshold=settings.router_threshold,
         fallback=settings.router_fallback,
     )
+    registry = await run_in_threadpool(inference.registries.registry, tenant, model)
     try:
         route = await run_in_threadpool(choose, model, instruction, registry, params)
     except (NotFoundError, InvalidNameError) as e:
@@ -289,47 +251,145 @@ def _headers(route: Route) -> dict[str, str]:
     return h
 
 
-def _usage(outs: list[Completion]) -> dict[str, int]:
-    p, c = sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)
+def _usage(outs: list[Completion], n: int) -> dict[str, int]:
+    """OpenAI's usage: each prompt counted once (its n choices share it), every choice's tokens."""
+    p, c = sum(o.prompt_tokens for o in outs[::n]), sum(o.completion_tokens for o in outs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _stream(engine: Engine, req: GenRequest, chunk: Any, include_usage: bool) -> AsyncIterator[str]:
-    """SSE lines: one chunk per text delta, a final chunk with finish_reason, optional usage, [DONE]."""
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+# ---------------------------------------------------------------- one answer builder for both endpoints
+
+
+@dataclass
+class Answer:
+    """The OpenAI answer of one request, completion or chat: the JSON body and the stream chunks."""
+
+    chat: bool
+    model: str  # the adapter that served it (name@version, or base)
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def body(self, outs: list[Completion], n: int) -> dict[str, Any]:
+        """The whole answer: choice i is outs[i] (prompt i // n, choice i % n of that prompt)."""
+        choices = []
+        for i, o in enumerate(outs):
+            part = {"message": {"role": "assistant", "content": o.text}} if self.chat else {"text": o.text}
+            choices.append({"index": i, **part, "logprobs": None, "finish_reason": o.finish_reason})
+        head = self._head("chat.completion" if self.chat else "text_completion")
+        return {**head, "choices": choices, "usage": _usage(outs, n)}
+
+    def chunk(
+        self, index: int, text: str | None = None, finish: str | None = None, first: bool = False
+    ) -> str:
+        """One SSE event of choice `index`: its opening (chat: the role), a text delta, or its finish."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            part: dict[str, Any] = {"delta": delta}
+        else:
+            part = {"text": text or ""}
+        choice = {"index": index, **part, "logprobs": None, "finish_reason": finish}
+        return _sse(
+            {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        )
+
+    def usage_chunk(self, outs: list[Completion], n: int) -> str:
+        head = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        return _sse({**head, "choices": [], "usage": _usage(outs, n)})
+
+
+async def _stream(
+    engine: Engine, req: GenRequest, n: int, answer: Answer, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE events for the n choices of `req`: each choice's opening, its text deltas as they come (choices
+    interleaved, told apart by `index`), its finish; then usage (if asked) and [DONE]."""
     loop = asyncio.get_running_loop()
-    deltas: asyncio.Queue[str | None] = asyncio.Queue()
+    events: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()  # (choice, delta); None: it is done
 
-    def on_delta(d: str) -> None:  # runs on the engine thread
-        loop.call_soon_threadsafe(deltas.put_nowait, d)
+    def post(i: int) -> Callable[[Any], None]:  # called on the engine thread: a delta, or None when done
+        def put(d: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (i, d if isinstance(d, str) else None))
 
-    fut = engine.submit(req, on_delta)
-    fut.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, None))
+        return put
+
+    futures = engine.submit_n(req, n, [post(i) for i in range(n)])
+    for i, fut in enumerate(futures):
+        fut.add_done_callback(post(i))
+    outs: list[Completion] = []
     try:
-        yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
-        while (d := await deltas.get()) is not None:
-            yield f"data: {json.dumps(chunk(d, None))}\n\n"
-    finally:  # the client went away (CancelledError / GeneratorExit): its row leaves the batch
-        fut.cancel()  # a no-op once the request is done
-    try:
-        out = fut.result()
-    except Exception as e:  # headers are sent: report the failure inside the stream
-        yield f"data: {json.dumps({'error': {'type': 'server_error', 'message': str(e)}})}\n\n"
-        return
-    yield f"data: {json.dumps(chunk(None, out.finish_reason))}\n\n"
+        for i in range(n):
+            yield answer.chunk(i, first=True)
+        for _ in range(n):
+            while (event := await events.get())[1] is not None:
+                yield answer.chunk(event[0], event[1])
+            i = event[0]
+            try:
+                out = futures[i].result()
+            except Exception as e:  # headers are sent: report the failure inside the stream
+                yield _sse({"error": {"type": "server_error", "message": str(e)}})
+                return
+            outs.append(out)
+            yield answer.chunk(i, finish=out.finish_reason)
+    finally:  # the client went away (CancelledError / GeneratorExit), or a choice failed: rows leave
+        for fut in futures:
+            fut.cancel()  # a no-op once the request is done
     if include_usage:
-        yield f"data: {json.dumps(chunk(None, None, usage=_usage([out])))}\n\n"
+        yield answer.usage_chunk(outs, n)
     yield "data: [DONE]\n\n"
+
+
+async def _generate(
+    chat: bool,
+    body: _OpenAIIn,
+    sp: SamplingParams,
+    instruction: str,
+    encode: Callable[[Any], list[list[int]]],
+    vllm_fields: dict[str, Any],
+    tenant: str,
+    inference: Inference,
+) -> Response:
+    """Both endpoints after their own checks: route, then generate `n` choices per prompt (`encode` gives
+    the prompts' token ids), or forward to vLLM; answer as JSON or as SSE."""
+    settings = inference.settings
+    n = _choices(body, settings)
+    route = await _route(body.model, instruction, tenant, inference, settings)
+    if (vllm := inference.vllm()) is not None:  # CLTUNE_ENGINE_BACKEND=vllm: vLLM generates
+        fwd = payload(sp, body.stream, body.stream_options, n=n, **vllm_fields)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        return await vllm.forward(path, fwd, tenant, route.record, route.served_by, _headers(route))
+    engine = await run_in_threadpool(inference.engine)
+    key = engine.resolve(tenant, route.record) if route.record is not None else None
+    reqs = [GenRequest(ids, key, sp) for ids in encode(engine.tokenizer)]
+    answer = Answer(chat, route.served_by)
+    if body.stream:
+        include = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            _stream(engine, reqs[0], n, answer, include),
+            media_type="text/event-stream",
+            headers=_headers(route),
+        )
+    futures = [f for r in reqs for f in engine.submit_n(r, n)]
+    outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    return JSONResponse(answer.body(list(outs), n), headers=_headers(route))
 
 
 # ---------------------------------------------------------------- routes
 
 
 @router.post("/completions", responses=GENERATED)
-async def create_completion(
-    body: CompletionCreate, request: Request, tenant: TenantDep, registry: RegistryDep
-) -> Response:
-    """Text completion of `prompt` (a string, or a list: one choice per prompt) by the chosen adapter."""
-    settings: Settings = request.app.state.settings
+async def create_completion(body: CompletionCreate, tenant: TenantDep, inference: InferenceDep) -> Response:
+    """Text completion of `prompt` (a string, or a list) by the chosen adapter: `n` choices per prompt,
+    choice i * n + j being prompt i's choice j."""
+    settings = inference.settings
     _check_fields(body)
     _check_text(body.model_dump(exclude_none=True))
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -340,56 +400,22 @@ async def create_completion(
     if body.stream and len(prompts) > 1:
         raise _bad("stream=true takes a single prompt", "prompt")
     sp = _sampling(body, body.max_tokens, settings.engine_max_tokens)
-    route = await _route(body.model, prompts[0], tenant, registry, request)
-    if (vllm := backend_of(request.app)) is not None:  # CLTUNE_ENGINE_BACKEND=vllm: vLLM generates
-        fields = {"prompt": body.prompt, "add_special_tokens": False}  # as the embedded engine encodes
-        fwd = payload(sp, body.stream, body.stream_options, **fields)
-        return await vllm.forward(
-            "/v1/completions", fwd, tenant, route.record, route.served_by, _headers(route)
-        )
-    engine = await run_in_threadpool(inference_engine, request.app)
-    key = engine.resolve(tenant, route.record) if route.record is not None else None
-    reqs = [GenRequest(engine.tokenizer(p, add_special_tokens=False)["input_ids"], key, sp) for p in prompts]
-    rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
 
-    def chunk(text: str | None, finish: str | None, first: bool = False, usage: dict | None = None) -> dict:
-        base = {"id": rid, "object": "text_completion", "created": created, "model": route.served_by}
-        if usage is not None:
-            return {**base, "choices": [], "usage": usage}
-        return {
-            **base,
-            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}],
-        }
+    def encode(tokenizer: Any) -> list[list[int]]:
+        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
-    if body.stream:
-        include = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(
-            _stream(engine, reqs[0], chunk, include), media_type="text/event-stream", headers=_headers(route)
-        )
-    outs = await asyncio.gather(*(asyncio.wrap_future(engine.submit(r)) for r in reqs))
-    choices = [
-        {"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
-        for i, o in enumerate(outs)
-    ]
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": route.served_by,
-            "choices": choices,
-            "usage": _usage(list(outs)),
-        },
-        headers=_headers(route),
-    )
+    # vLLM is sent the prompt as the embedded engine encodes it (no special tokens added)
+    fields = {"prompt": body.prompt, "add_special_tokens": False}
+    return await _generate(False, body, sp, prompts[0], encode, fields, tenant, inference)
 
 
 @router.post("/chat/completions", responses=GENERATED)
 async def create_chat_completion(
-    body: ChatCompletionCreate, request: Request, tenant: TenantDep, registry: RegistryDep
+    body: ChatCompletionCreate, tenant: TenantDep, inference: InferenceDep
 ) -> Response:
-    """Chat completion: the messages go through the base model's chat template; `stream` sends SSE chunks."""
-    settings: Settings = request.app.state.settings
+    """Chat completion: the messages go through the base model's chat template; `n` choices; `stream`
+    sends SSE chunks."""
+    settings = inference.settings
     _check_fields(body)
     _check_text(body.model_dump(exclude_none=True))
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -400,47 +426,12 @@ async def create_chat_completion(
     instruction = next(
         (m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"]
     )
-    route = await _route(body.model, instruction, tenant, registry, request)
-    if (vllm := backend_of(request.app)) is not None:  # vLLM applies the same chat template
-        fwd = payload(sp, body.stream, body.stream_options, messages=messages)
-        return await vllm.forward(
-            "/v1/chat/completions", fwd, tenant, route.record, route.served_by, _headers(route)
-        )
-    engine = await run_in_threadpool(inference_engine, request.app)
-    key = engine.resolve(tenant, route.record) if route.record is not None else None
-    req = GenRequest(encode_prompt(engine.tokenizer, messages), key, sp)
-    rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
-    def chunk(text: str | None, finish: str | None, first: bool = False, usage: dict | None = None) -> dict:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": route.served_by}
-        if usage is not None:
-            return {**base, "choices": [], "usage": usage}
-        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    def encode(tokenizer: Any) -> list[list[int]]:
+        return [encode_prompt(tokenizer, messages)]
 
-    if body.stream:
-        include = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(
-            _stream(engine, req, chunk, include), media_type="text/event-stream", headers=_headers(route)
-        )
-    out = await asyncio.wrap_future(engine.submit(req))
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": out.text},
-        "logprobs": None,
-        "finish_reason": out.finish_reason,
-    }
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": route.served_by,
-            "choices": [choice],
-            "usage": _usage([out]),
-        },
-        headers=_headers(route),
-    )
+    # vLLM applies the same chat template
+    return await _generate(True, body, sp, instruction, encode, {"messages": messages}, tenant, inference)
 
 
 def _epoch(iso: str) -> int:

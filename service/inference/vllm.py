@@ -23,14 +23,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from cltune.models import base_fingerprint
 from cltune.registry import AdapterRecord, Registry
 from service.api.errors import ApiError
-from service.engine import SamplingParams
+from service.inference.params import SamplingParams
 from service.settings import Settings
 
 log = logging.getLogger("cltune.vllm")
@@ -73,7 +72,9 @@ def _upstream_error(status: int, body: bytes, names: dict[str, str] | None = Non
     return ApiError(status, "invalid_request_error", message, param=err.get("param"), code=code)
 
 
-def payload(sp: SamplingParams, stream: bool, stream_options: dict[str, Any] | None, **fields: Any) -> dict:
+def payload(
+    sp: SamplingParams, stream: bool, stream_options: dict[str, Any] | None, **fields: Any
+) -> dict[str, Any]:
     """A vLLM request body with cltune's sampling made explicit (vLLM would otherwise take its own
     defaults, or the model's generation_config)."""
     body: dict[str, Any] = {
@@ -298,21 +299,3 @@ class VLLMBackend:
         self._sync.close()
         if self._async is not None and self._async[0] is asyncio.get_running_loop():
             await self._async[1].aclose()
-
-
-_create_lock = threading.Lock()
-
-
-def backend_of(app: FastAPI) -> VLLMBackend | None:
-    """The app's vLLM backend, created on first use; None when the embedded engine serves."""
-    settings: Settings = app.state.settings
-    if settings.engine_backend != "vllm":
-        return None
-    backend: VLLMBackend | None = getattr(app.state, "vllm", None)
-    if backend is None:
-        with _create_lock:
-            backend = getattr(app.state, "vllm", None)
-            if backend is None:
-                backend = VLLMBackend(settings, lambda tenant: Registry(settings.adapters_dir(tenant)))
-                app.state.vllm = backend
-    return backend
