@@ -210,8 +210,8 @@ def _start_run(
 ) -> _Run:
     """Open the run's progress, read and validate every task file (before the model loads), load the
     model and the adapter the first task starts from (tasks[0].init_adapter), open TensorBoard."""
-    progress = _open_progress(cfg, run_dir, resume)
     data, unlearn = _read_tasks(cfg)
+    progress = _open_progress(cfg, data, run_dir, resume)
     loaded = loaded or load_model(cfg.model, cache_dir)
     init = open_init(cfg, registry, loaded)  # checked before anything is trained
     if init is not None:
@@ -236,20 +236,40 @@ def _start_run(
     )
 
 
-def _open_progress(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
-    """The run's progress (progress.json): new, or the saved one to resume from; refuses a run
-    directory that holds a different config."""
+def run_identity(cfg: RunConfig, data: list[TaskData]) -> dict[str, Any]:
+    """What makes two runs the same run: the config with each task's dataset files named by the sha256
+    of their content, not their path. The same data at other paths (another host's data directory, a
+    moved checkout) resumes; a file whose content changed under the same path does not."""
+    identity = cfg.model_dump(mode="json")
+    for task, d in zip(identity["tasks"], data, strict=True):
+        task.update({role: f"sha256:{sha}" for role, sha in d.sha256.items()})
+    return identity
+
+
+def _open_progress(cfg: RunConfig, data: list[TaskData], run_dir: Path, resume: bool) -> dict[str, Any]:
+    """The run's progress (progress.json): new, or the saved one to resume from (its `config` then
+    names this host's files); refuses a run directory that holds a different run (`run_identity`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_json = cfg.model_dump(mode="json")
+    cfg_json, identity = cfg.model_dump(mode="json"), run_identity(cfg, data)
     progress_path = run_dir / "progress.json"
-    progress: dict[str, Any] = {"config": cfg_json, "R": [], "completed": 0, "adapters": [], "train": []}
+    progress: dict[str, Any] = {
+        "config": cfg_json,
+        "identity": identity,
+        "R": [],
+        "completed": 0,
+        "adapters": [],
+        "train": [],
+    }
     if resume and progress_path.exists():
         saved = json.loads(progress_path.read_text())
-        if saved["config"] != cfg_json:
+        same = saved["identity"] == identity if "identity" in saved else saved["config"] == cfg_json
+        if not same:  # (a progress file written before identities: the old rule, the same config)
             raise ConfigError(
-                f"run directory {str(run_dir)!r} holds a different run; use a new directory", errors=[]
+                f"run directory {str(run_dir)!r} holds a different run (another config, or changed data "
+                "files); use a new directory",
+                errors=[],
             )
-        progress = saved
+        progress = {**saved, "config": cfg_json}
     return progress
 
 

@@ -1,5 +1,5 @@
 """What a job process and its data-parallel ranks share (service/runner.py, service/parallel_job.py):
-the job's config as this host runs it, the training callbacks that report to the worker, and the
+the job's config as this host runs it (dataset ids resolved to its files), the training callbacks that report to the worker, and the
 job's result. Neither of those modules imports the other for these.
 
 Top-level imports are stdlib only (see service/runner.py: the noop job starts in milliseconds).
@@ -8,7 +8,6 @@ Top-level imports are stdlib only (see service/runner.py: the noop job starts in
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -36,40 +35,6 @@ def local_config(
         if legacy and not Path(ref).exists():
             config["tasks"][i][f] = given
     return layout.resolve_datasets(config, data_dir, job["tenant_id"], fetch)
-
-
-def align_progress(run_dir: Path, config: dict[str, Any], local: dict[str, Any]) -> None:
-    """Make the progress files of a run begun on another host name this host's dataset files.
-
-    cltune resumes a run only with the config it recorded, dataset paths included, and another host
-    resolved the same ids to files under its own data directory. `config` is the job's stored config and
-    `local` this host's resolution of it: wherever they differ (an id resolved here), the recorded task
-    read the same dataset, so its path becomes this host's. Nothing else is changed: a run of another
-    config is still refused by cltune.
-    """
-    resolved = {
-        (i, f): v
-        for (i, f, v), (_, _, ref) in zip(
-            layout.dataset_refs(local), layout.dataset_refs(config), strict=True
-        )
-        if v != ref
-    }
-    if not resolved:
-        return
-    for path in [run_dir / "progress.json", *sorted(run_dir.glob("rank*/progress.json"))]:
-        if not path.exists():  # rank*/: the other ranks of a data-parallel run
-            continue
-        progress = json.loads(path.read_text())
-        tasks = progress.get("config", {}).get("tasks", [])
-        changed = False
-        for (i, f), v in resolved.items():
-            if i < len(tasks) and isinstance(tasks[i], dict) and tasks[i].get(f) not in (None, v):
-                tasks[i][f] = v
-                changed = True
-        if changed:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(progress, indent=1))
-            tmp.replace(path)
 
 
 def job_callbacks(

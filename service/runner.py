@@ -35,7 +35,7 @@ from typing import Any
 
 from cltune.errors import CLTuneError, StopRequested
 from service import layout
-from service.job_run import Send, align_progress, job_callbacks, local_config, summary
+from service.job_run import Send, job_callbacks, local_config, summary
 
 DEFAULT_CHECKPOINT_EVERY = 10  # optimizer steps between checkpoints when the job sets none (0)
 
@@ -162,8 +162,8 @@ def run_training(
     if shared is not None:
         shared.restore()  # the run dir and the tenant's adapters
     data = local_config(job, data_dir, shared.fetch_dataset if shared is not None else None)
-    run_dir = layout.run_dir(data_dir, job["id"])
-    align_progress(run_dir, job["config"], data)  # a run begun on another host read its own files
+    run_dir = layout.run_dir(data_dir, job["id"])  # a run begun on another host resumes: cltune knows
+    # a run by its datasets' content, not by the paths each host resolved the ids to
     train = data.setdefault("train", {})
     if not train.get("checkpoint_every"):  # a service job must survive its worker: checkpoint periodically
         train["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY

@@ -4,6 +4,7 @@ stopped run, refusal of a run directory that holds another run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +116,24 @@ def test_a_run_directory_holding_another_config_is_refused(uninterrupted, cfg):
     other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-3})})
     with pytest.raises(ConfigError, match="different run"):
         run_continual(other, uninterrupted[0].run_dir)
+
+
+def test_a_run_resumes_from_its_data_at_other_paths_but_not_from_changed_data(uninterrupted, cfg, tmp_path):
+    """Another host (or a moved checkout) reads the same files at other paths: the same run. A file
+    whose content changed under the same path: a different run."""
+    full, reg = uninterrupted
+    moved = []
+    for i, t in enumerate(cfg.tasks):
+        copy = tmp_path / "elsewhere" / f"{i}.jsonl"
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(Path(t.train).read_bytes())
+        moved.append(t.model_copy(update={"train": str(copy), "eval": str(copy) if t.eval else None}))
+    res = run(cfg.model_copy(update={"tasks": moved}), full.run_dir, reg)
+    assert res.R == full.R and reg.versions_of("b") == [1]  # resumed as finished, not retrained
+    with Path(moved[0].train).open("a") as f:
+        f.write('{"prompt": "one more", "completion": "line"}\n')
+    with pytest.raises(ConfigError, match="changed data"):
+        run_continual(cfg.model_copy(update={"tasks": moved}), full.run_dir)
 
 
 def test_bad_data_fails_before_the_model_is_loaded(cfg, write_jsonl, tmp_path, monkeypatch):

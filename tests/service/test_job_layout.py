@@ -21,7 +21,7 @@ from cltune.errors import (
 )
 from service import layout
 from service.artifacts import SharedArtifacts, put_dataset
-from service.job_run import align_progress, local_config
+from service.job_run import local_config
 from service.parallel_job import error_message, rank_failure, rebuild_error
 from service.runner import public_text
 from service.settings import Settings
@@ -101,30 +101,6 @@ def test_a_job_queued_with_another_hosts_path_resolves_the_id_it_was_sent_with(t
     job = _job(_tasks(elsewhere), spec_config=_tasks(DS))
     assert local_config(job, tmp_path)["tasks"][0]["train"] == str(here)
     assert public_text(f"bad line in {elsewhere} and {here}", job, tmp_path) == f"bad line in {DS} and {DS}"
-
-
-def test_progress_recorded_on_another_host_is_aligned_by_position_not_by_file_name(tmp_path: Path) -> None:
-    here = str(layout.dataset_path(tmp_path, T, DS))
-    other = "ds_00000000000000aa"
-    config = _tasks(DS, "lib/b.jsonl", other)
-    local = local_config(_job(config), tmp_path)
-    run = layout.run_dir(tmp_path, "job_1")
-    saved = {  # host A's paths; the library path and a same-named file elsewhere are not ours to touch
-        "config": _tasks(f"/a/datasets/{T}/{DS}.jsonl", "lib/b.jsonl", f"/a/datasets/{T}/{other}.jsonl"),
-        "R": [[0.5]],
-    }
-    for d in (run, run / "rank1"):
-        d.mkdir(parents=True)
-        (d / "progress.json").write_text(json.dumps(saved))
-    align_progress(run, config, local)
-    for d in (run, run / "rank1"):
-        progress = json.loads((d / "progress.json").read_text())
-        assert [t["train"] for t in progress["config"]["tasks"]] == [
-            here,
-            "lib/b.jsonl",
-            str(layout.dataset_path(tmp_path, T, other)),
-        ]
-        assert progress["R"] == [[0.5]]
 
 
 def test_errors_name_the_dataset_id_not_this_hosts_path(tmp_path: Path) -> None:
