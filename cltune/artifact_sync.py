@@ -30,13 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cltune.adapter_files import RECORD
+from cltune.adapter_files import RECORD, remove_versions
 from cltune.artifacts import ArtifactStore, delete_prefix, fetch_published, join, publish
 from cltune.data import file_sha256
 from cltune.errors import ConflictError, NotFoundError
 
 MANIFEST = "manifest.json"
 CLAIM = "claim.json"  # <prefix>/<name>/v<N>/claim.json: this version number is taken
+DELETED = "deleted.json"  # <prefix>/<name>/v<N>/deleted.json: this version was deleted (a tombstone)
 LOCAL_STATE = ".sync.json"  # in the run dir: the snapshot id this copy last pushed or pulled
 SKIP_NAMES = ("crash.log", LOCAL_STATE)  # per-host files: a faulthandler log, our own bookkeeping
 SKIP_SUFFIXES = (".tmp",)  # writes in flight (checkpoint.tmp/, progress.tmp)
@@ -160,12 +161,13 @@ class RunSync:
 # ---------------------------------------------------------------- adapter registry
 
 
-def remote_versions(store: ArtifactStore, prefix: str) -> dict[str, list[int]]:
-    """{name: [published versions]} under `prefix` (versions whose record.json exists)."""
+def remote_versions(store: ArtifactStore, prefix: str, marker: str = RECORD) -> dict[str, list[int]]:
+    """{name: [versions]} under `prefix` whose `marker` exists: published versions (record.json), or
+    deleted ones (DELETED)."""
     out: dict[str, list[int]] = {}
     for key in store.list(prefix) if prefix else store.list():
         parts = key[len(prefix.strip("/")) + 1 :].split("/") if prefix else key.split("/")
-        if len(parts) == 3 and parts[2] == RECORD and parts[1][:1] == "v" and parts[1][1:].isdigit():
+        if len(parts) == 3 and parts[2] == marker and parts[1][:1] == "v" and parts[1][1:].isdigit():
             out.setdefault(parts[0], []).append(int(parts[1][1:]))
     return {n: sorted(v) for n, v in sorted(out.items())}
 
@@ -202,10 +204,12 @@ def push_registry(store: ArtifactStore, prefix: str, root: str | Path) -> list[s
     different record: two hosts registered one adapter name at once (pull before training to avoid it).
     """
     root = Path(root)
-    remote = remote_versions(store, prefix)
+    remote, deleted = remote_versions(store, prefix), _prune_deleted(store, prefix, root)
     done = []
     for name, versions in _local_versions(root).items():
         for v in versions:
+            if v in deleted.get(name, []):  # deleted on another host meanwhile: never published again
+                continue
             key = join(prefix, name, f"v{v}")
             local_record = (root / name / f"v{v}" / RECORD).read_bytes()
             if v in remote.get(name, []):
@@ -223,10 +227,11 @@ def push_registry(store: ArtifactStore, prefix: str, root: str | Path) -> list[s
 
 
 def pull_registry(store: ArtifactStore, prefix: str, root: str | Path, name: str | None = None) -> list[str]:
-    """Copy published versions the local registry lacks (all names, or one). Each version is fetched
-    into a temp directory and renamed into place, as Registry.save publishes, so a local reader never
-    sees half a version. Returns the refs fetched."""
+    """Copy published versions the local registry lacks (all names, or one), and delete local copies of
+    versions deleted in the store. Each version is fetched into a temp directory and renamed into place,
+    as Registry.save publishes, so a local reader never sees half a version. Returns the refs fetched."""
     root = Path(root)
+    _prune_deleted(store, prefix, root, name)
     local = _local_versions(root)
     fetched = []
     for n, versions in remote_versions(store, prefix).items():
@@ -251,9 +256,26 @@ def pull_registry(store: ArtifactStore, prefix: str, root: str | Path, name: str
 
 def delete_adapter(store: ArtifactStore, prefix: str, name: str, version: int | None = None) -> list[int]:
     """Unpublish (record.json first) and remove one version, or all versions of `name`, from the store.
-    The claim stays behind as a tombstone, so the number is never given to another adapter."""
+    A tombstone (DELETED) is written first: every other host deletes its own copy when it next pulls, and
+    never pushes it back. The claim stays too, so the number is never given to another adapter."""
     versions = remote_versions(store, prefix).get(name, [])
     gone = versions if version is None else [v for v in versions if v == version]
     for v in gone:
-        delete_prefix(store, join(prefix, name, f"v{v}"), marker=RECORD, keep=(CLAIM,))
+        key = join(prefix, name, f"v{v}")
+        store.put_bytes(join(key, DELETED), json.dumps({"at": time.time()}).encode())
+        delete_prefix(store, key, marker=RECORD, keep=(CLAIM, DELETED))
     return gone
+
+
+def _prune_deleted(
+    store: ArtifactStore, prefix: str, root: Path, name: str | None = None
+) -> dict[str, list[int]]:
+    """Delete the local copies of versions that were deleted in the store (all names, or one); returns
+    the store's deleted versions."""
+    deleted = remote_versions(store, prefix, DELETED)
+    if name is not None:
+        deleted = {name: deleted[name]} if name in deleted else {}
+    local = _local_versions(root)
+    for n, versions in deleted.items():
+        remove_versions(root, n, [v for v in versions if v in local.get(n, [])])
+    return deleted

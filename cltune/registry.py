@@ -24,13 +24,12 @@ from peft import PeftModel, get_peft_model_state_dict
 from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 
-from cltune.adapter_files import PEFT_FILES, RECORD, WEIGHTS
+from cltune.adapter_files import PEFT_FILES, RECORD, WEIGHTS, high_water, remove_versions
 from cltune.config import check_name
 from cltune.errors import ConflictError, InvalidNameError, NotFoundError
 from cltune.methods.base import STATE_META, STATE_TENSORS, MethodState
 
 STATE_FILES = (STATE_TENSORS, STATE_META)  # MethodState.save's files
-HIGH_WATER = ".deleted_up_to"  # per name: the highest deleted version
 
 
 class AdapterRecord(BaseModel):
@@ -185,8 +184,7 @@ class Registry:
 
     def _high_water(self, name: str) -> int:
         """The highest version ever deleted: numbers are never reused, so `name@N` always means one thing."""
-        f = self.root / name / HIGH_WATER
-        return int(f.read_text()) if f.exists() else 0
+        return high_water(self.root, name)
 
     def _publish(self, tmp: Path, name: str, record: dict[str, Any]) -> AdapterRecord:
         version = 0
@@ -211,9 +209,5 @@ class Registry:
                 f"no adapter {name!r}" + (f" version {version}" if version else ""), name=name
             )
         gone = versions if version is None else [version]
-        (self.root / name / HIGH_WATER).write_text(str(max(max(gone), self._high_water(name))))
-        for v in gone:
-            trash = self.root / name / f".del-v{v}"
-            os.rename(self.root / name / f"v{v}", trash)  # unpublish first, then remove the files
-            shutil.rmtree(trash, ignore_errors=True)
+        remove_versions(self.root, name, gone)
         return gone

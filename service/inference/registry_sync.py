@@ -6,11 +6,10 @@ registry each time (`service.api.deps.tenant_registry`: one listing of every fil
 inference request pulls only what it can use, and only what may have changed:
 
   * `base`: no adapter, nothing to pull;
-  * `name@N` already here: a published version never changes (its number is claimed once, and a deleted
-    number is never given again), so nothing to ask the store;
-  * `name` (its latest version), or `name@N` not here: one listing of that adapter's keys; the registry
-    is pulled (only the missing versions are fetched) when it names a version this host lacks;
-  * `auto`: the router compares every adapter of the tenant, so the registry is pulled.
+  * `name` or `name@N`: one listing of that adapter's keys; versions deleted on another host (a
+    tombstone in the store) are deleted here, so they are never served again, and the registry is
+    pulled (only the missing versions are fetched) when the store has a version this host lacks;
+  * `auto`: the router compares every adapter of the tenant, so the registry is pulled (deletions too).
 
 Concurrent requests share a pull, but only one that started after they arrived: a version published
 before a request arrived is always seen by it.
@@ -23,8 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cltune.adapter_files import RECORD
-from cltune.artifact_sync import pull_registry
+from cltune.adapter_files import RECORD, remove_versions
+from cltune.artifact_sync import DELETED, pull_registry
 from cltune.artifacts import ArtifactStore, join
 from cltune.errors import InvalidNameError
 from cltune.registry import Registry, parse_ref
@@ -75,19 +74,19 @@ class RegistrySync:
         except InvalidNameError:  # the router answers it (404)
             return Registry(root)
         registry = Registry(root)
-        if version is not None and version in registry.versions_of(name):
-            return registry
         self._shared(tenant, name, lambda: self._pull_name(store, tenant, name, registry))
         return registry
 
     def _pull_name(self, store: ArtifactStore, tenant: str, name: str, registry: Registry) -> None:
         prefix = join(self.prefix_for(tenant), name)
-        published = set()
+        marked: dict[str, set[int]] = {RECORD: set(), DELETED: set()}
         for key in store.list(prefix):
             parts = key[len(prefix) + 1 :].split("/")
-            if len(parts) == 2 and parts[1] == RECORD and parts[0][:1] == "v" and parts[0][1:].isdigit():
-                published.add(int(parts[0][1:]))
-        if not published <= set(registry.versions_of(name)):
+            if len(parts) == 2 and parts[1] in marked and parts[0][:1] == "v" and parts[0][1:].isdigit():
+                marked[parts[1]].add(int(parts[0][1:]))
+        local = set(registry.versions_of(name))
+        remove_versions(registry.root, name, sorted(marked[DELETED] & local))  # deleted on another host
+        if not marked[RECORD] <= local:
             self._pull(store, tenant, name)
 
     def _pull(self, store: ArtifactStore, tenant: str, name: str | None) -> None:

@@ -1,6 +1,7 @@
 """Inference's pull of a tenant's adapters from the shared store (service/inference/registry_sync.py):
-nothing is asked of the store for what is already here and cannot change, a version published on
-another host is served by the next request that can use it, and concurrent requests share a pull."""
+a request asks the store only about the adapter it can use, a version published on another host is served
+by the next request that can use it, one deleted on another host is never served again, and concurrent
+requests share a pull."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cltune.artifact_sync import push_registry
+from cltune.artifact_sync import delete_adapter, push_registry, remote_versions
 from cltune.artifacts import LocalStore
+from cltune.registry import Registry
 from service.inference.registry_sync import RegistrySync
 
 TENANT = "t1"
@@ -58,14 +60,34 @@ def test_only_what_the_request_can_use_is_pulled_and_only_when_it_changed(
     assert sync.registry(TENANT, "capitals@1").names() == ["capitals"] and sync.pulls == 1  # only that name
     n = len(store.lists)
     assert sync.registry(TENANT, "capitals@1").versions_of("capitals") == [1]
-    assert len(store.lists) == n  # here, and a published version never changes: the store is not asked
+    assert store.lists[n:] == [f"{PREFIX}/capitals"] and sync.pulls == 1  # here: one listing (deleted?)
     sync.registry(TENANT, "capitals")  # the latest: one listing of that adapter, nothing new to fetch
-    assert store.lists[n:] == [f"{PREFIX}/capitals"] and sync.pulls == 1
+    assert store.lists[n + 1 :] == [f"{PREFIX}/capitals"] and sync.pulls == 1
     publish(there, store, "capitals", 2)  # another host publishes a new version
     assert sync.registry(TENANT, "capitals").versions_of("capitals") == [1, 2] and sync.pulls == 2
     assert sync.registry(TENANT, "capitals@2").versions_of("capitals") == [1, 2] and sync.pulls == 2
     assert sync.registry(TENANT, "auto").names() == ["capitals", "french"]  # auto: every adapter
     assert sync.registry(TENANT, "no such/name").names() == ["capitals", "french"]  # the router's 404
+
+
+def test_a_version_deleted_on_another_host_is_not_served_here_nor_pushed_back(
+    setup: tuple[RegistrySync, CountingStore, Path],
+) -> None:
+    sync, store, there = setup
+    publish(there, store, "capitals", 1)
+    publish(there, store, "capitals", 2)
+    publish(there, store, "french", 1)
+    assert sync.registry(TENANT, "auto").versions_of("capitals") == [1, 2]  # both pulled here
+    assert delete_adapter(store, PREFIX, "capitals", 2) == [2]  # DELETE on another host
+    assert sync.registry(TENANT, "capitals@2").versions_of("capitals") == [1]  # the router answers 404
+    here = sync.root_for(TENANT)
+    assert push_registry(store, PREFIX, here) == []  # this host's old copy is never published again
+    assert remote_versions(store, PREFIX) == {"capitals": [1], "french": [1]}
+    delete_adapter(store, PREFIX, "french")
+    assert sync.registry(TENANT, "auto").names() == ["capitals"]  # `auto` pulls deletions too
+    assert Registry(here).versions_of("capitals") == [1]
+    publish(there, store, "capitals", 3)  # numbers are never reused: a new version is 3, not 2
+    assert sync.registry(TENANT, "capitals").versions_of("capitals") == [1, 3]
 
 
 def test_concurrent_requests_share_a_pull_that_started_after_they_arrived(
