@@ -161,15 +161,20 @@ class RunSync:
 # ---------------------------------------------------------------- adapter registry
 
 
-def remote_versions(store: ArtifactStore, prefix: str, marker: str = RECORD) -> dict[str, list[int]]:
-    """{name: [versions]} under `prefix` whose `marker` exists: published versions (record.json), or
-    deleted ones (DELETED)."""
-    out: dict[str, list[int]] = {}
+def remote_versions(store: ArtifactStore, prefix: str) -> dict[str, list[int]]:
+    """{name: [published versions]} under `prefix` (versions whose record.json exists)."""
+    return _remote(store, prefix)[RECORD]
+
+
+def _remote(store: ArtifactStore, prefix: str) -> dict[str, dict[str, list[int]]]:
+    """From one listing of `prefix`: {RECORD: published versions, DELETED: deleted ones}, each
+    {name: [versions]}."""
+    out: dict[str, dict[str, list[int]]] = {RECORD: {}, DELETED: {}}
     for key in store.list(prefix) if prefix else store.list():
         parts = key[len(prefix.strip("/")) + 1 :].split("/") if prefix else key.split("/")
-        if len(parts) == 3 and parts[2] == marker and parts[1][:1] == "v" and parts[1][1:].isdigit():
-            out.setdefault(parts[0], []).append(int(parts[1][1:]))
-    return {n: sorted(v) for n, v in sorted(out.items())}
+        if len(parts) == 3 and parts[2] in out and parts[1][:1] == "v" and parts[1][1:].isdigit():
+            out[parts[2]].setdefault(parts[0], []).append(int(parts[1][1:]))
+    return {m: {n: sorted(v) for n, v in sorted(found.items())} for m, found in out.items()}
 
 
 def _local_versions(root: Path) -> dict[str, list[int]]:
@@ -204,7 +209,9 @@ def push_registry(store: ArtifactStore, prefix: str, root: str | Path) -> list[s
     different record: two hosts registered one adapter name at once (pull before training to avoid it).
     """
     root = Path(root)
-    remote, deleted = remote_versions(store, prefix), _prune_deleted(store, prefix, root)
+    listed = _remote(store, prefix)
+    remote, deleted = listed[RECORD], listed[DELETED]
+    _prune_deleted(root, deleted)
     done = []
     for name, versions in _local_versions(root).items():
         for v in versions:
@@ -231,10 +238,11 @@ def pull_registry(store: ArtifactStore, prefix: str, root: str | Path, name: str
     versions deleted in the store. Each version is fetched into a temp directory and renamed into place,
     as Registry.save publishes, so a local reader never sees half a version. Returns the refs fetched."""
     root = Path(root)
-    _prune_deleted(store, prefix, root, name)
+    listed = _remote(store, prefix)
+    _prune_deleted(root, {n: v for n, v in listed[DELETED].items() if name is None or n == name})
     local = _local_versions(root)
     fetched = []
-    for n, versions in remote_versions(store, prefix).items():
+    for n, versions in listed[RECORD].items():
         if name is not None and n != name:
             continue
         for v in versions:
@@ -267,15 +275,8 @@ def delete_adapter(store: ArtifactStore, prefix: str, name: str, version: int | 
     return gone
 
 
-def _prune_deleted(
-    store: ArtifactStore, prefix: str, root: Path, name: str | None = None
-) -> dict[str, list[int]]:
-    """Delete the local copies of versions that were deleted in the store (all names, or one); returns
-    the store's deleted versions."""
-    deleted = remote_versions(store, prefix, DELETED)
-    if name is not None:
-        deleted = {name: deleted[name]} if name in deleted else {}
+def _prune_deleted(root: Path, deleted: dict[str, list[int]]) -> None:
+    """Delete the local copies of the versions `deleted` in the store ({name: [versions]})."""
     local = _local_versions(root)
     for n, versions in deleted.items():
         remove_versions(root, n, [v for v in versions if v in local.get(n, [])])
-    return deleted
