@@ -572,9 +572,7 @@ def vllm_suite(args: argparse.Namespace) -> None:
     import subprocess
 
     import httpx
-    import uvicorn
 
-    from service.api.app import create_app
     from service.settings import Settings
 
     t0 = time.perf_counter()
@@ -616,13 +614,43 @@ def vllm_suite(args: argparse.Namespace) -> None:
             engine_backend="vllm",
             vllm_url=f"http://127.0.0.1:{vport}",
         )
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
-        threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-        while not server.started:
-            time.sleep(0.05)
-        purl = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        # cltune runs as its own process, as deployed: in this one its event loop would share the GIL
+        # with the bench's client threads, a cost that the direct case does not pay
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            pport = int(s.getsockname()[1])
+        penv = {
+            **os.environ,
+            "CLTUNE_DATA_DIR": str(settings.data_dir),
+            "CLTUNE_DATABASE_URL": settings.db_url,
+            "CLTUNE_ADMIN_KEY": "bench-admin",
+            "CLTUNE_ENGINE_MODEL": args.model,
+            "CLTUNE_ENGINE_DEVICE": "cpu",
+            "CLTUNE_ENGINE_BACKEND": "vllm",
+            "CLTUNE_VLLM_URL": f"http://127.0.0.1:{vport}",
+            "PYTHONPATH": str(ROOT),
+        }
+        ucmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.api.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+        ]
+        ucmd += ["--port", str(pport), "--log-level", "warning", "--no-access-log"]
+        with (tmp / "cltune.log").open("wb") as out:
+            server = subprocess.Popen(ucmd, env=penv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        purl = f"http://127.0.0.1:{pport}/v1"
+        for _ in range(600):  # up when it answers at all (its health depends on vLLM, still starting)
+            try:
+                httpx.get(f"{purl[:-3]}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("cltune did not start:\n" + (tmp / "cltune.log").read_text()[-3000:])
         admin = {"Authorization": "Bearer bench-admin"}
         tid = httpx.post(f"{purl}/admin/tenants", json={"name": TENANT}, headers=admin).json()["id"]
         key = httpx.post(f"{purl}/admin/tenants/{tid}/keys", headers=admin).json()["key"]
@@ -706,7 +734,7 @@ def vllm_suite(args: argparse.Namespace) -> None:
                     )
     finally:
         if server is not None:
-            server.should_exit = True
+            server.terminate()
         os.killpg(proc.pid, signal.SIGCONT)
         os.killpg(proc.pid, signal.SIGTERM)
         try:

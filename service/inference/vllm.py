@@ -93,6 +93,23 @@ def payload(
     return body
 
 
+def _rewrite_event(event: bytes, served_by: str) -> bytes:
+    """One SSE event (`data: {...}` lines) with its JSON's `model` set to `served_by`, ending in a blank
+    line; other lines (comments, `[DONE]`, non-JSON) pass unchanged."""
+    lines = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                data = json.loads(line[5:])
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and "model" in data:
+                data["model"] = served_by
+                line = b"data: " + json.dumps(data).encode()
+        lines.append(line)
+    return b"\n".join(lines) + b"\n\n"
+
+
 class VLLMBackend:
     """A client of one vLLM server: adapter loading (LRU) and request forwarding. Thread-safe."""
 
@@ -271,26 +288,34 @@ class VLLMBackend:
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _relay(self, upstream: httpx.Response, target: str, served_by: str) -> AsyncIterator[str]:
+    async def _relay(self, upstream: httpx.Response, target: str, served_by: str) -> AsyncIterator[bytes]:
         """vLLM's SSE events with `model` rewritten; closing this (client gone) closes the upstream stream,
-        which aborts the request in vLLM."""
+        which aborts the request in vLLM.
+
+        The stream is relayed as it arrives, whole events at a time (a chunk's tail without its closing
+        blank line waits for the next chunk). `model` is rewritten by replacing the bytes
+        `"model":"<target>"`, not by a JSON round-trip per token: inside a JSON string a quote is escaped,
+        so the pattern can only be an event's own `model` field. Events spelled otherwise (a space after
+        the colon) are parsed and rewritten one by one."""
+        compact = f'"model":{json.dumps(target)}'.encode()
+        public = f'"model":{json.dumps(served_by)}'.encode()
+        pending = b""
         try:
-            async for line in upstream.aiter_lines():
-                if not line.startswith("data:"):
+            async for chunk in upstream.aiter_bytes():
+                pending += chunk.replace(b"\r\n", b"\n")
+                cut = pending.rfind(b"\n\n") + 2
+                if cut < 2:
                     continue
-                data = line[5:].strip()
-                if data != "[DONE]":
-                    try:
-                        event = json.loads(data)
-                        if isinstance(event, dict) and "model" in event:
-                            event["model"] = served_by
-                        data = json.dumps(event)
-                    except ValueError:
-                        pass
-                yield f"data: {data}\n\n"
+                events, pending = pending[:cut], pending[cut:]
+                if compact in events:
+                    yield events.replace(compact, public)
+                else:
+                    yield b"".join(_rewrite_event(e, served_by) for e in events.split(b"\n\n") if e)
+            if pending.strip():
+                yield _rewrite_event(pending.strip(), served_by)
         except httpx.HTTPError as e:  # headers are sent: report the failure inside the stream
             err = {"type": "server_error", "message": f"the vLLM stream broke: {type(e).__name__}: {e}"}
-            yield f"data: {json.dumps({'error': err})}\n\n"
+            yield f"data: {json.dumps({'error': err})}\n\n".encode()
         finally:
             await upstream.aclose()
             await run_in_threadpool(self.release, target)

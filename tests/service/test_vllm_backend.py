@@ -90,11 +90,16 @@ def fake_vllm(state: FakeVLLM) -> FastAPI:
             )
             return JSONResponse({"id": "x", "object": kind, "model": model, "choices": [choice]})
 
+        # completions events are compact JSON, as vLLM writes them; chat events have spaces after the
+        # colons, which cltune's relay must handle too (it then parses the event)
+        separators = (", ", ": ") if chat else (",", ":")
+
         def events() -> Iterator[str]:
             for word in text.split(" "):
                 c = {"delta": {"content": word}} if chat else {"text": word}
                 chunk = {"id": "x", "object": kind + (".chunk" if chat else ""), "model": model}
-                yield f"data: {json.dumps({**chunk, 'choices': [{'index': 0, **c}]})}\n\n"
+                event = json.dumps({**chunk, "choices": [{"index": 0, **c}]}, separators=separators)
+                yield f"data: {event}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -233,6 +238,13 @@ def test_streaming_passes_chunks_through(setup: Setup) -> None:
     assert text.endswith("-french-v1] Write 3 in French")
     r = setup.post("/completions", {"model": "base", "prompt": "a b c", "stream": True, "max_tokens": 4})
     assert [e["choices"][0]["text"] for e in _events(r)] == [f"[{BASE}]", "a", "b", "c"]
+    assert {e["model"] for e in _events(r)} == {"base"}
+    # the adapter's vLLM name inside generated text is text: only the event's own field is rewritten
+    r = setup.post("/completions", {"model": "french", "prompt": "x", "stream": True, "max_tokens": 4})
+    events = _events(r)
+    assert {e["model"] for e in events} == {"french@1"} and events[0]["choices"][0]["text"].endswith(
+        "-french-v1]"
+    )
     assert setup.fake.bodies[-1]["stream"] is True
 
 
