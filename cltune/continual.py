@@ -36,6 +36,7 @@ from cltune.served import (
     BASE_MODEL,
     Scoring,
     measure_served,
+    prompt_router,
     record_gap,
     score_examples,
     score_row,
@@ -314,6 +315,14 @@ def _score_base_model(run: _Run) -> None:
         run.save_progress()
 
 
+def _groups_before(handover: Handover) -> dict[str, Any]:
+    """TaskContext's `grouped` and `route`: the adapter groups the previous task served from, if any."""
+    served = handover.previous.meta.get("serve_adapter") if handover.previous is not None else None
+    grouped = handover.grouped(str(served)) if served else None
+    routed = prompt_router(grouped, str(served)) if grouped is not None else None
+    return {"grouped": grouped, "route": routed[0] if routed else None}
+
+
 def _prepare_task(
     run: _Run, model: Any, t: int, handover: Handover
 ) -> tuple[Any, Method, TaskContext, TokenStats]:
@@ -340,6 +349,7 @@ def _prepare_task(
         world=acc.num_processes if acc is not None else 1,
         own_state=handover.own.get(method.name),
         forgotten=frozenset(handover.forgotten),
+        **_groups_before(handover),
     )
     set_seed(cfg.train.seed + t)  # LoRA init in prepare and dropout: same config, same adapters
     if t == 0 and init is not None:  # the adapter plays the task before the first
@@ -371,9 +381,11 @@ def _train_one_task(run: _Run, model: Any, method: Method, ctx: TaskContext, sta
     on the validation split (`steps: auto`), servable checkpoints kept (cltune/checkpoints.py)."""
     cfg, t, tok = run.cfg, ctx.index, run.loaded.tokenizer
     d = run.data[t]
+    lr = cfg.train.lr_for(method.train_defaults)
     run.log(
-        f"task {t + 1}/{len(run.data)}: {d.config.name} with {method.name}",
+        f"task {t + 1}/{len(run.data)}: {d.config.name} with {method.name} (lr {lr:g})",
         task=d.config.name,
+        lr=lr,
         tokens=stats.as_dict(),
     )
     if stats.truncated:
@@ -483,6 +495,7 @@ def _train_info(
     info = {
         "task": task,
         "method": method.name,
+        "lr": cfg.train.lr_for(method.train_defaults),  # the run's, else the method's default
         "steps": result.steps,
         "seconds": result.seconds,
         "tokens": result.tokens,
@@ -716,7 +729,10 @@ def _routing(
     """
     if not getattr(method, "unlearning", False):
         return state.meta.get("group", d.config.name), [ex.instruction for ex in d.train[:CODEBOOK_SIZE]]
+    forgotten = {ex.instruction for ex in d.train}
+    group = getattr(method, "unlearned_group", None)  # a DEMA group the forget set routed to
+    if group is not None:
+        return group["name"], [c for c in group["codebook"] if c not in forgotten][:CODEBOOK_SIZE]
     if parent is None:  # unlearned from the base model: nothing to route to
         return d.config.name, []
-    forgotten = {ex.instruction for ex in d.train}
     return parent["group"] or parent["name"], [c for c in parent["codebook"] if c not in forgotten]

@@ -8,6 +8,7 @@ it; `cltune.config` assembles the whole run config and checks it against the met
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
@@ -63,13 +64,18 @@ class LoraConfig(Strict):
     layers_to_transform: list[Annotated[int, Field(ge=0)]] | None = None  # decoder layer indices
 
 
+DEFAULT_LR = 1e-3  # a method without its own default (every registered method has one)
+DEFAULT_EPOCHS = 1.0
+
+
 class TrainConfig(Strict):
     # "auto": train in epochs over the task's data, score a validation split every `val_every` steps,
     # stop when it has not improved for `patience` validations or a budget (max_epochs, max_steps,
     # max_minutes) ends, and keep the best checkpoint. An int: exactly that many optimizer steps;
     # None: exactly `epochs` epochs. Unlearning methods have no validation target: "auto" = `epochs`.
     steps: int | Literal["auto"] | None = "auto"
-    epochs: float = Field(1.0, gt=0, le=1000)  # steps: None (and unlearning under "auto")
+    # steps: None (and unlearning under "auto"); None here: the method's default (`epochs_for`)
+    epochs: float | None = Field(None, gt=0, le=1000)
     max_epochs: float = Field(20.0, gt=0, le=1000)  # auto: budget in passes over the training split
     max_steps: int = Field(1000, ge=1, le=10_000_000)  # auto: budget in optimizer steps
     max_minutes: float | None = Field(None, gt=0, le=7 * 24 * 60)  # auto: wall-clock budget per task
@@ -81,7 +87,7 @@ class TrainConfig(Strict):
     val_metric: Literal["loss", "score"] = "loss"  # auto: answer-token CE (cheap) or the task's scorer
     batch_size: int = Field(8, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=1024)
-    lr: float = Field(2e-4, gt=0, le=1.0)
+    lr: float | None = Field(None, gt=0, le=1.0)  # None: the method's measured default (`lr_for`)
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0, le=1_000_000)
@@ -98,6 +104,16 @@ class TrainConfig(Strict):
     # several devices (cltune worker --devices-per-job N): "none" keeps a full copy of the base model on
     # each device; "fsdp" shards the frozen decoder layers across them (FSDP2), adapters stay replicated
     sharding: Literal["none", "fsdp"] = "none"
+
+    def lr_for(self, defaults: Mapping[str, float]) -> float:
+        """The learning rate: `lr` when set, else the method's default (its `train_defaults`, chosen from
+        the sweeps in docs/benchmarks.md), else DEFAULT_LR."""
+        return self.lr if self.lr is not None else defaults.get("lr", DEFAULT_LR)
+
+    def epochs_for(self, defaults: Mapping[str, float]) -> float:
+        """Epochs of a fixed-length task (`steps: null`, or unlearning): `epochs` when set, else the
+        method's default, else DEFAULT_EPOCHS."""
+        return self.epochs if self.epochs is not None else defaults.get("epochs", DEFAULT_EPOCHS)
 
     @field_validator("steps", mode="before")
     @classmethod

@@ -42,18 +42,28 @@ def served_scoring(method: Any, state: MethodState, grouped: MethodState | None 
     method's task, e.g. an unlearning task that unlearned one group in place); else the served adapter,
     described by the method's `served_as` note when it has one (Control-LLM's merge-back)."""
     source = state if state.meta.get("groups") else grouped
-    groups = source.meta.get("groups", []) if source is not None else []
-    recent = next((g["name"] for g in groups if g["adapter"] == method.serve_adapter), None)
-    if source is not None and recent is not None:
-        backend = source.meta.get("notes", {}).get("similarity", "tfidf")
-        params = RouterParams(backend=backend, fallback="recent")
-        how = (
-            f"each prompt routed to its group's adapter ({backend} similarity >= "
-            f"{DEFAULT_THRESHOLD[backend]}, else the most recent group {recent!r})"
-        )
-        return Scoring(how, method.serve_adapter, group_router(groups, params, recent))
+    routed = prompt_router(source, method.serve_adapter) if source is not None else None
+    if routed is not None:
+        return Scoring(routed[1], method.serve_adapter, routed[0])
     how = state.meta.get("notes", {}).get("served_as") or f"served adapter {method.serve_adapter!r}"
     return Scoring(how, method.serve_adapter)
+
+
+def prompt_router(grouped: MethodState, adapter: str) -> tuple[Router, str] | None:
+    """How prompts are answered while `adapter` is the most recent of `grouped`'s adapter groups
+    (DEMA's state): (instruction -> the adapter that answers it, said in words), or None when `adapter`
+    is not one of the groups'."""
+    groups = grouped.meta.get("groups", [])
+    recent = next((g["name"] for g in groups if g["adapter"] == adapter), None)
+    if recent is None:
+        return None
+    backend = grouped.meta.get("notes", {}).get("similarity", "tfidf")
+    params = RouterParams(backend=backend, fallback="recent")
+    how = (
+        f"each prompt routed to its group's adapter ({backend} similarity >= "
+        f"{DEFAULT_THRESHOLD[backend]}, else the most recent group {recent!r})"
+    )
+    return group_router(groups, params, recent), how
 
 
 def group_router(groups: list[dict[str, Any]], params: RouterParams, recent: str) -> Router:

@@ -15,7 +15,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,13 +74,20 @@ def steps_per_epoch(cfg: TrainConfig, n_examples: int) -> int:
     return max(1, math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum)))
 
 
-def total_steps(cfg: TrainConfig, n_examples: int, *, early_stopping: bool | None = None) -> int:
+def total_steps(
+    cfg: TrainConfig,
+    n_examples: int,
+    *,
+    early_stopping: bool | None = None,
+    defaults: Mapping[str, float] | None = None,
+) -> int:
     """Optimizer steps the task may take: its budget under `steps: auto` with a validation split
-    (min of max_steps and max_epochs), else exactly `steps` or `epochs` epochs."""
+    (min of max_steps and max_epochs), else exactly `steps` or `epochs` epochs (`defaults`: the
+    method's `train_defaults`, for an unset `epochs`)."""
     auto = cfg.auto if early_stopping is None else early_stopping
     if isinstance(cfg.steps, int):
         return cfg.steps
-    epochs = cfg.max_epochs if auto else cfg.epochs
+    epochs = cfg.max_epochs if auto else cfg.epochs_for(defaults or {})
     by_epochs = max(1, math.ceil(epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
     return min(cfg.max_steps, by_epochs) if auto else by_epochs
 
@@ -315,9 +322,11 @@ def train_task(
         raise ConfigError(
             f"method {method.name!r} left no trainable parameters for task {task.name!r}", errors=[]
         )
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr_for(method.train_defaults), weight_decay=cfg.weight_decay)
     early = EarlyStopping(cfg.patience, cfg.min_delta) if cfg.auto and validate is not None else None
-    total = total_steps(cfg, len(task.train), early_stopping=early is not None)
+    total = total_steps(
+        cfg, len(task.train), early_stopping=early is not None, defaults=method.train_defaults
+    )
     val_every = validation_interval(cfg, len(task.train))
     sched = make_scheduler(opt, cfg, total)
     start = 0

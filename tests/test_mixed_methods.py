@@ -14,7 +14,7 @@ from conftest import TASK_A, TASK_B, pc_rows
 from cltune.config import MethodConfig, RunConfig, parse_config
 from cltune.continual import run_continual
 from cltune.data import tokenize
-from cltune.errors import StopRequested
+from cltune.errors import ConfigError, StopRequested
 from cltune.evaluate import cl_metrics
 from cltune.methods.base import MethodState
 from cltune.methods.common import adapter_state, preserved_training_state
@@ -202,6 +202,55 @@ def test_dema_keeps_its_groups_across_unlearning_and_retrains_the_unlearned_grou
     assert groups[0]["unlearned"] == ["forget"]
     adapter, unlearned = seen["unlearned"]
     assert adapter == "g0" and all(torch.equal(g0[k], v) for k, v in unlearned.items())
+
+
+def test_unlearning_after_dema_unlearns_the_group_its_forget_set_is_routed_to(files, tmp_path, monkeypatch):
+    from cltune.registry import Registry
+
+    dema = {"name": "dema"}
+    cfg = _cfg(
+        [
+            {"name": "add", "train": files["a"], "max_eval": 2, "method": dema},  # group g0
+            {"name": "rev", "train": files["b"], "max_eval": 2, "method": dema},  # group g1, served last
+            _forget_task(files),  # "add one to ..." prompts: routed to g0
+        ]
+    )
+    seen: dict[str, Any] = {}
+    npo_prepare, npo_after = Npo.prepare, Npo.after_task
+
+    def spy_npo_prepare(self: Npo, model: Any, task: Any, state: Any) -> Any:
+        seen["g1_before"] = adapter_state(model, "g1")
+        return npo_prepare(self, model, task, state)
+
+    def spy_npo_after(self: Npo, model: Any, task: Any) -> Any:
+        seen["unlearned"], seen["g1_after"] = self.serve_adapter, adapter_state(model, "g1")
+        return npo_after(self, model, task)
+
+    monkeypatch.setattr(Npo, "prepare", spy_npo_prepare)
+    monkeypatch.setattr(Npo, "after_task", spy_npo_after)
+    reg = Registry(tmp_path / "reg")
+    res = run_continual(cfg, tmp_path / "run", registry=reg, loaded=load_model(cfg.model))
+    # before the fix: g1, the most recently served group, which never saw the forget set
+    assert seen["unlearned"] == "g0"
+    assert all(torch.equal(seen["g1_before"][k], v) for k, v in seen["g1_after"].items())
+    forget = reg.get("forget")
+    assert forget.group == "add" and not {q for q, _ in FORGET} & set(forget.codebook)
+    assert res.scored_with["forget"]["columns"]["forget"] == {"g0": 2}  # scored with what unlearned
+
+
+def test_unlearning_after_dema_refuses_a_forget_set_routed_to_several_groups(files, write_jsonl, tmp_path):
+    dema = {"name": "dema"}
+    mixed = str(write_jsonl(pc_rows(TASK_A[:4] + TASK_B[:4]), "mixed.jsonl"))
+    cfg = _cfg(
+        [
+            {"name": "add", "train": files["a"], "max_eval": 2, "method": dema},
+            {"name": "rev", "train": files["b"], "max_eval": 2, "method": dema},
+            {**_forget_task(files), "train": mixed},
+        ]
+    )
+    with pytest.raises(ConfigError, match="routed to 2 DEMA groups") as e:
+        run_continual(cfg, tmp_path / "run", loaded=load_model(cfg.model))
+    assert e.value.details["errors"][0]["groups"] == {"add": 4, "rev": 4}
 
 
 def test_dema_rows_of_r_score_each_prompt_with_its_routed_group(files, tmp_path, monkeypatch):

@@ -116,6 +116,33 @@ def test_progress_callback_reports_step_speed_and_eta():
     assert [p.lr for p in seen] == pytest.approx([cfg.lr * (1 - s / 4) for s in (1, 2, 3, 4)])
 
 
+def test_an_unset_lr_and_epochs_are_the_methods_defaults_and_set_ones_win():
+    model, method, task = fresh()
+    method.train_defaults = {"lr": 7e-3, "epochs": 2.0}  # this instance's, so no default can pass by chance
+    cfg = CFG.model_copy(update={"lr": None, "epochs": None, "steps": None, "warmup_steps": 0})
+    cfg = cfg.model_copy(update={"schedule": "constant", "grad_accum": 1})
+    seen = []
+    result = train_task(model, method, task, cfg, callbacks=Callbacks(on_progress=seen.append))
+    assert [p.lr for p in seen] == pytest.approx([7e-3] * len(seen))
+    assert result.steps == 2 * math.ceil(len(task.train) / cfg.batch_size)  # two epochs
+    explicit = cfg.model_copy(update={"lr": 2e-3, "epochs": 1.0})
+    assert (
+        explicit.lr_for(method.train_defaults) == 2e-3 and explicit.epochs_for(method.train_defaults) == 1.0
+    )
+    assert TrainConfig().lr_for({}) == 1e-3 and TrainConfig().epochs_for({}) == 1.0  # no method default
+
+
+def test_every_method_declares_its_measured_defaults():
+    from cltune.methods import METHODS
+
+    for name, cls in METHODS.items():
+        assert 0 < cls.train_defaults["lr"] <= 1e-2, name
+        unlearning = getattr(cls, "unlearning", False)
+        assert ("epochs" in cls.train_defaults) == unlearning, name  # learning stops on a plateau instead
+    # measured (docs/benchmarks.md): without a retain term a high lr collapses the model
+    assert METHODS["npo"].train_defaults["lr"] < METHODS["npo_rt"].train_defaults["lr"]
+
+
 def test_log_every_thins_the_history_but_keeps_the_last_step():
     model, method, task = fresh()
     cfg = CFG.model_copy(update={"steps": 5, "grad_accum": 1, "log_every": 2})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -83,6 +84,11 @@ class TaskContext:
     # unlearned earlier in the run (example_sha256), so replayed or stored copies can be dropped.
     own_state: MethodState | None = None
     forgotten: frozenset[str] = frozenset()
+    # Adapter groups (DEMA's) that the previous task's served adapter is one of: their last state, and
+    # instruction -> the adapter that answers it, as served. An unlearning task unlearns the group its
+    # forget set routes to. None: no groups.
+    grouped: MethodState | None = None
+    route: Callable[[str], str] | None = None
 
     def emit(self, message: str, **data: Any) -> None:
         if self.log is not None:
@@ -116,6 +122,9 @@ def example_sha256(item: dict[str, Any]) -> str:
 class Method(Protocol):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
+    # what an unset `train.lr` / `train.epochs` means for this method, chosen from measured sweeps
+    # (docs/benchmarks.md, "Learning rates")
+    train_defaults: ClassVar[Mapping[str, float]]
     serve_adapter: str  # the peft adapter that is registered and served
 
     def prepare(self, model: nn.Module, task: TaskContext, state: MethodState | None) -> nn.Module: ...

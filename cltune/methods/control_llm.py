@@ -18,7 +18,7 @@ method state, and `prepare` restores them before the next task trains.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -170,6 +170,7 @@ def unwrap_layers(model: nn.Module) -> int:
 class ControlLlm:
     name: ClassVar[str] = "control_llm"
     Params: ClassVar[type[BaseModel]] = ControlLlmParams
+    train_defaults: ClassVar[Mapping[str, float]] = {"lr": 1e-3}  # docs/benchmarks.md, "Learning rates"
     # trained as the two-pass interpolation, served as the merged-back LoRA: the sequence measures the
     # gap between the two per task (cltune.served) and scores R with the served form
     approximate_serving: ClassVar[bool] = True

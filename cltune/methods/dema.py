@@ -15,13 +15,14 @@ alpha is not scale-invariant (a c grows ~N^2, 1 + b ~N), so on small tensors it 
 back; the fraction of fallbacks is logged per task (docs/methods.md section 2).
 
 Mixed with other methods: the groups come back from DEMA's last task (`TaskContext.own_state`), but a
-group adapter the model holds keeps its current weights, so an unlearning task (which unlearns the
-served group in place) is not undone; that group is marked `unlearned`. The other groups are not
-unlearned: a warning names them.
+group adapter the model holds keeps its current weights, so an unlearning task is not undone. An
+unlearning task after DEMA's unlearns, in place, the group its forget set is routed to (refused when the
+forget set is routed to several groups); that group is marked `unlearned`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -89,6 +90,7 @@ def dema_update_(
 class Dema:
     name: ClassVar[str] = "dema"
     Params: ClassVar[type[BaseModel]] = DemaParams
+    train_defaults: ClassVar[Mapping[str, float]] = {"lr": 1e-3}  # docs/benchmarks.md, "Learning rates"
 
     def __init__(self, params: DemaParams | None = None) -> None:
         self.params = params or DemaParams()
@@ -119,7 +121,7 @@ class Dema:
                     model, g["adapter"], peft_lora_config(LoraConfig.model_validate(g["lora"]))
                 )
                 load_adapter_state(model, g["adapter"], _part(own, g["adapter"]))
-        self._note_unlearning(state, task)
+        self._note_unlearning(state)
         instructions = [ex.instruction for ex in task.examples]
         self.decision = self._decide(instructions)
         if self.decision.action == "retrain":
@@ -158,23 +160,14 @@ class Dema:
         )
         return model
 
-    def _note_unlearning(self, state: MethodState | None, task: TaskContext) -> None:
-        """After an unlearning task: mark the group it unlearned (the adapter it trained in place) and
-        warn that the other groups were not unlearned (routing may still send a prompt to them)."""
+    def _note_unlearning(self, state: MethodState | None) -> None:
+        """After an unlearning task: mark the group it unlearned in place (the one its forget set is
+        routed to, see cltune.methods.npo)."""
         if state is None or not state.meta.get(FORGOTTEN_EXAMPLES):
             return
-        done = [g for g in self.groups if g["adapter"] == state.meta.get("serve_adapter")]
-        for g in done:
-            g["unlearned"] = [*g.get("unlearned", []), *(r["task"] for r in _forgotten_records(state))]
-        others = [g["name"] for g in self.groups if g not in done]
-        if others:
-            task.emit(
-                f"dema: the unlearning task before this one unlearned "
-                f"{done[0]['name'] if done else 'no group'!r}, not groups {others}: prompts routed to "
-                "them may still recall the forget set",
-                level="warning",
-                not_unlearned=others,
-            )
+        for g in self.groups:
+            if g["adapter"] == state.meta.get("serve_adapter"):
+                g["unlearned"] = [*g.get("unlearned", []), *(r["task"] for r in _forgotten_records(state))]
 
     def _decide(self, instructions: list[str]) -> Decision:
         if not self.groups:

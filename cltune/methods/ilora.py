@@ -18,6 +18,7 @@ examples (`TaskContext.forgotten`) are dropped.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -130,6 +131,7 @@ def decode_buffer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Rep
 class ILora:
     name: ClassVar[str] = "ilora"
     Params: ClassVar[type[BaseModel]] = ILoraParams
+    train_defaults: ClassVar[Mapping[str, float]] = {"lr": 1e-3}  # docs/benchmarks.md, "Learning rates"
 
     def __init__(self, params: ILoraParams | None = None) -> None:
         self.params = params or ILoraParams()

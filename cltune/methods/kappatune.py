@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -225,6 +226,7 @@ def adapted_modules(model: nn.Module, adapter: str = ADAPTER) -> list[str]:
 class KappaTune:
     name: ClassVar[str] = "kappatune"
     Params: ClassVar[type[BaseModel]] = KappaTuneParams
+    train_defaults: ClassVar[Mapping[str, float]] = {"lr": 1e-3}  # docs/benchmarks.md, "Learning rates"
     # its targets and rank come from the base model's condition numbers, not from an adapter it is handed
     starts_from_adapter: ClassVar[bool] = False
 

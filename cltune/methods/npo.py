@@ -13,14 +13,18 @@ need no second model. npo_kl needs reference logits on retain batches: with adap
 start is the base model, else from a frozen copy of the starting adapter (disabling would compare
 against the base, not against the model being unlearned).
 
-Learning rate: the run's `train.lr` is used. With LoRA, 1e-4 is the recommended value (the paper's 1e-5
-is for full fine-tuning), with about 10 epochs over the forget set (`train.epochs: 10`).
+Learning rate and epochs: the run's `train.lr` / `train.epochs` when set, else `train_defaults`, measured
+on SmolLM2 (docs/benchmarks.md): 10 epochs over the forget set at lr 1e-3 with a retain term (npo_rt,
+npo_kl), 1e-4 without one (npo, grad_ascent collapse the model at 3e-4 and above). The paper's 1e-5 is for
+full fine-tuning.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -119,6 +123,36 @@ def _source_adapter(model: nn.Module, state: MethodState | None) -> str | None:
     return active if isinstance(active, str) else None
 
 
+def _routed_group(task: TaskContext, source: str) -> dict[str, Any] | None:
+    """After DEMA's tasks, several group adapters answer prompts, each its own: the group that the forget
+    set's prompts are routed to is the one to unlearn (the served adapter `source` may be another).
+    Returns that group, or None when there are no groups.
+
+    Raises:
+        ConfigError: the forget set routes to several groups: unlearning one would leave the others
+            answering part of it (split it into one unlearning task per group).
+    """
+    if task.route is None or task.grouped is None:
+        return None
+    counts = Counter(task.route(ex.instruction) for ex in task.examples)
+    groups = {g["adapter"]: g for g in task.grouped.meta.get("groups", [])}
+    if len(counts) > 1:
+        split = {groups[a]["name"]: n for a, n in counts.most_common()}
+        raise ConfigError(
+            f"the forget set of task {task.name!r} is routed to {len(split)} DEMA groups ({split}, "
+            "examples per group): one unlearning task unlearns one group's adapter, so split the forget "
+            "set into one task per group",
+            errors=[{"field": "train", "task": task.name, "groups": split}],
+        )
+    adapter = next(iter(counts), source)
+    group = groups[adapter]
+    task.emit(
+        f"the forget set is routed to DEMA group {group['name']!r}: unlearning its adapter {adapter!r}",
+        group=group["name"],
+    )
+    return {"name": group["name"], "adapter": adapter, "codebook": list(group["codebook"])}
+
+
 def _lineage(state: MethodState | None) -> list[dict[str, Any]]:
     """The `forgotten` records an earlier unlearning task left in `state`'s notes ([] if none)."""
     prev = state.meta.get("notes", {}).get("forgotten") if state is not None else None
@@ -133,6 +167,9 @@ class Npo:
 
     name: ClassVar[str] = "npo"
     Params: ClassVar[type[BaseModel]] = NpoParams
+    # measured on SmolLM2 (docs/benchmarks.md, "Unlearning"): without a retain term any lr >= 3e-4
+    # collapses the model; at 1e-4 ten epochs forget about half the forget set and keep the rest
+    train_defaults: ClassVar[Mapping[str, float]] = {"lr": 1e-4, "epochs": 10.0}
     unlearning: ClassVar[bool] = True  # the sequence scores this task on its forget set (lower is better)
     retain_term: ClassVar[str | None] = None  # None | "ce" | "kl"
     uses_npo: ClassVar[bool] = True  # False: gradient ascent
@@ -148,6 +185,8 @@ class Npo:
         self._from_base = True  # the starting model is the base (no adapter to keep a copy of)
         self._params: list[nn.Parameter] = []
         self._prior: list[dict[str, Any]] = []  # lineage carried from an earlier unlearning task
+        # after DEMA: the group ({name, adapter, codebook}) the forget set routes to, unlearned in place
+        self.unlearned_group: dict[str, Any] | None = None
 
     def prepare(self, model: nn.Module, task: TaskContext, state: MethodState | None) -> nn.Module:
         if self.retain_term is not None and not task.retain:
@@ -157,6 +196,9 @@ class Npo:
                 errors=[{"field": "retain", "task": task.name}],
             )
         source = _source_adapter(model, state)
+        self.unlearned_group = _routed_group(task, source) if source is not None else None
+        if self.unlearned_group is not None:
+            source = self.unlearned_group["adapter"]
         self._from_base = source is None
         self.serve_adapter = source or "default"
         model = attach_adapter(model, self.serve_adapter, peft_lora_config(task.lora))
@@ -289,12 +331,15 @@ class Npo:
 class NpoRetain(Npo):
     name: ClassVar[str] = "npo_rt"
     Params: ClassVar[type[BaseModel]] = NpoRetainParams
+    # with a retain term, lr 1e-3 x 10 epochs forgets all of the forget set and keeps the retain set
+    train_defaults: ClassVar[Mapping[str, float]] = {"lr": 1e-3, "epochs": 10.0}
     retain_term: ClassVar[str | None] = "ce"
 
 
 class NpoKL(Npo):
     name: ClassVar[str] = "npo_kl"
     Params: ClassVar[type[BaseModel]] = NpoRetainParams
+    train_defaults: ClassVar[Mapping[str, float]] = NpoRetain.train_defaults
     retain_term: ClassVar[str | None] = "kl"
 
 

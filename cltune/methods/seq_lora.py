@@ -6,6 +6,7 @@ and it refuses when examples were unlearned in the run (its own older weights ne
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,7 @@ class SeqLoraParams(BaseModel):
 class SeqLora:
     name: ClassVar[str] = "seq_lora"
     Params: ClassVar[type[BaseModel]] = SeqLoraParams
+    train_defaults: ClassVar[Mapping[str, float]] = {"lr": 1e-3}  # docs/benchmarks.md, "Learning rates"
 
     def __init__(self, params: SeqLoraParams | None = None) -> None:
         self.params = params or SeqLoraParams()
