@@ -68,6 +68,7 @@ def test_a_two_task_run_writes_results_heatmap_and_registers_lineage(uninterrupt
     assert saved["tasks"] == ["a", "b"] and saved["R"] == res.R and saved["adapters"] == ["a@1", "b@1"]
     assert (res.run_dir / "R.png").read_bytes()[:4] == b"\x89PNG"
     assert [t["steps"] for t in res.train] == [STEPS, STEPS]
+    assert [t["lr"] for t in res.train] == [5e-3, 5e-3]  # the config's, said per task
     a, b = reg.get("a"), reg.get("b")
     assert a.parent is None and b.parent == "a@1"
     assert b.method == "seq_lora" and b.base_fingerprint.startswith("tiny-llama:")
