@@ -1,4 +1,5 @@
-"""The README's architecture section names every module of both packages, and nothing that is gone."""
+"""The README says what the code does: its architecture section names every module of both packages and
+nothing that is gone, and its learning-rate table is what the methods declare."""
 
 from __future__ import annotations
 
@@ -38,3 +39,16 @@ def test_the_readme_tree_names_no_module_that_is_gone() -> None:
     files = {p.name for pkg in ("cltune", "service") for p in (REPO / pkg).rglob("*.py")}
     gone = [f for f in re.findall(r"[\w]+\.py", architecture_block()) if f not in files]
     assert gone == []
+
+
+def test_the_readme_learning_rate_table_is_what_the_methods_declare() -> None:
+    from cltune.methods import METHODS
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("**Learning rate and epochs per method.**", 1)[1].split("\n\n", 2)[1]
+    said: dict[str, tuple[float, float]] = {}
+    for row in re.findall(r"^\| ([a-z_, ]+) \| ([\d.e-]+) \| ([\d.]+) \|", section, flags=re.M):
+        for name in row[0].split(", "):
+            said[name] = (float(row[1]), float(row[2]))
+    declared = {n: (c.train_defaults["lr"], c.train_defaults.get("epochs", 1.0)) for n, c in METHODS.items()}
+    assert said == declared
