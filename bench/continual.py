@@ -150,6 +150,11 @@ def routing_accuracy(run_dir: Path, cfg: RunConfig, scored_with: dict[str, Any])
 # ---------------------------------------------------------------- runs
 
 
+def spec_slug(text: str) -> str:
+    """A method spec (`ilora:ema_decay=0.9,gamma=1`, with anything around it) as a file name."""
+    return text.replace(":", "_").replace(",", "_").replace("=", "-")
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """`name` or `name:key=value,key=value` (values as YAML scalars)."""
     import yaml
@@ -189,7 +194,7 @@ def run_one(spec: str, seed: int, args: argparse.Namespace, work: Path) -> dict[
     """One method on one seed, from freshly loaded base weights (runs in its own process with --jobs)."""
     torch.set_num_threads(args.threads)
     name, params = parse_spec(spec)
-    loaded, tasks = setup(args, work / f"{spec}-{seed}".replace(":", "_").replace(",", "_").replace("=", "-"))
+    loaded, tasks = setup(args, work / spec_slug(f"{spec}-{seed}"))
     cfg = RunConfig(
         name="bench",
         model=ModelConfig(name=loaded.name, device=str(loaded.device)),
@@ -199,7 +204,7 @@ def run_one(spec: str, seed: int, args: argparse.Namespace, work: Path) -> dict[
         train=train_config(args, seed),
         eval=EvalConfig(batch_size=64, heatmap=False, general=args.general, general_examples=args.general_n),
     )
-    run_dir = work / "runs" / f"{spec}-{seed}".replace(":", "_").replace(",", "_").replace("=", "-")
+    run_dir = work / "runs" / spec_slug(f"{spec}-{seed}")
     t0 = time.perf_counter()
     tag = f"[{spec} seed {seed}]"
     log = Callbacks(log=lambda message, **_: print(tag, message, flush=True))

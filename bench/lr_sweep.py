@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from continual import parse_spec, sequence_tasks, train_config
+from continual import parse_spec, sequence_tasks, spec_slug, train_config
 
 from cltune.config import EvalConfig, LoraConfig, MethodConfig, ModelConfig, RunConfig
 from cltune.continual import run_continual
@@ -52,8 +52,9 @@ def run_one(
         eval=EvalConfig(batch_size=64, heatmap=False, general=[]),
     )
     t0 = time.perf_counter()
-    slug = f"{spec}-{lr:g}-{task.name}-{seed}".replace(":", "_").replace(",", "_").replace("=", "-")
-    res = run_continual(cfg, work / slug, loaded=loaded, resume=False)
+    res = run_continual(
+        cfg, work / spec_slug(f"{spec}-{lr:g}-{task.name}-{seed}"), loaded=loaded, resume=False
+    )
     info = res.train[0]
     out = {
         "method": spec,

@@ -620,15 +620,16 @@ def vllm_suite(args: argparse.Namespace) -> None:
         # cltune in front of the same vLLM: a tenant whose registry holds the same two adapters
         (tmp / "data").mkdir()
         (tmp / "data" / "models").symlink_to(ROOT / "data" / "models")
-        settings = Settings(
-            data_dir=tmp / "data",
-            database_url=f"sqlite:///{tmp / 'api.db'}",
-            admin_key="bench-admin",
-            engine_model=args.model,
-            engine_device="cpu",
-            engine_backend="vllm",
-            vllm_url=f"http://127.0.0.1:{vport}",
-        )
+        conf = {
+            "data_dir": tmp / "data",
+            "database_url": f"sqlite:///{tmp / 'api.db'}",
+            "admin_key": "bench-admin",
+            "engine_model": args.model,
+            "engine_device": "cpu",
+            "engine_backend": "vllm",
+            "vllm_url": f"http://127.0.0.1:{vport}",
+        }
+        settings = Settings(**conf)  # the paths below; the server reads the same from its environment
         # cltune runs as its own process, as deployed: in this one its event loop would share the GIL
         # with the bench's client threads, a cost that the direct case does not pay
         with socket.socket() as s:
@@ -636,14 +637,8 @@ def vllm_suite(args: argparse.Namespace) -> None:
             pport = int(s.getsockname()[1])
         penv = {
             **os.environ,
-            "CLTUNE_DATA_DIR": str(settings.data_dir),
-            "CLTUNE_DATABASE_URL": settings.db_url,
-            "CLTUNE_ADMIN_KEY": "bench-admin",
-            "CLTUNE_ENGINE_MODEL": args.model,
-            "CLTUNE_ENGINE_DEVICE": "cpu",
-            "CLTUNE_ENGINE_BACKEND": "vllm",
-            "CLTUNE_VLLM_URL": f"http://127.0.0.1:{vport}",
             "PYTHONPATH": str(ROOT),
+            **{f"CLTUNE_{k.upper()}": str(v) for k, v in conf.items()},
         }
         ucmd = [
             sys.executable,
